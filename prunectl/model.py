@@ -1,0 +1,93 @@
+"""Llama models through transformers: build from a recipe, count, save as a loadable HF directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, model_validator
+
+from .schema import Strict
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class ModelConfig(Strict):
+    layers: int = Field(ge=1)
+    hidden: int = Field(ge=8)
+    heads: int = Field(ge=1)
+    kv_heads: int | None = Field(None, ge=1, description="grouped-query attention; default: heads (MHA)")
+    head_dim: int | None = Field(None, ge=4, description="default: hidden // heads")
+    ffn: int = Field(ge=1)
+    vocab: int | None = Field(None, ge=16, description="default: the prepared tokenizer's size")
+    rope_theta: float = Field(10_000.0, gt=0)
+    max_position: int = Field(2048, ge=8)
+    tie_embeddings: bool = False
+    rms_eps: float = Field(1e-5, gt=0)
+    init_std: float = Field(0.02, gt=0)
+    attention: Literal["sdpa", "eager"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelConfig:
+        kv = self.kv_heads or self.heads
+        if self.heads % kv:
+            raise ValueError(f"heads={self.heads} must be a multiple of kv_heads={kv}")
+        if self.head_dim is None and self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}; set head_dim")
+        return self
+
+
+def llama_config(cfg: ModelConfig, vocab_size: int, bos: int | None, eos: int | None, pad: int | None) -> LlamaConfig:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=cfg.vocab or vocab_size,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.ffn,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads or cfg.heads,
+        head_dim=cfg.head_dim or cfg.hidden // cfg.heads,
+        max_position_embeddings=cfg.max_position,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_eps,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        attn_implementation=cfg.attention,
+    )
+
+
+def build(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+    """Random initialisation that depends on the seed alone."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Total (tied weights once), embedding and non-zero parameter counts."""
+    seen: set[int] = set()
+    total = embedding = nonzero = 0
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        nonzero += int((p != 0).sum())
+        if "embed_tokens" in name or "lm_head" in name:
+            embedding += p.numel()
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "nonzero": nonzero}
+
+
+def save(model: LlamaForCausalLM, state_dict: dict[str, Any] | None, tokenizer, out: Path) -> None:
+    """config.json + model.safetensors + tokenizer, loadable by AutoModelForCausalLM.from_pretrained."""
+    model.save_pretrained(out, state_dict=state_dict)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,232 @@
+"""Recipes: YAML files resolved into typed objects (extends, key=value overrides, every problem reported)."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
+
+from .data import DataConfig
+from .errors import PrunectlError
+from .launch import LaunchConfig
+from .model import ModelConfig
+from .schema import Strict
+from .train import OptimizerConfig, TrainConfig
+
+RECIPES_ENV = "PRUNECTL_RECIPES"
+
+
+class DataRecipe(Strict):
+    """`prunectl data prepare`: corpora -> tokenizer -> token shards and named disjoint ranges."""
+
+    name: str
+    stage: Literal["data"]
+    description: str = ""
+    data: DataConfig
+
+
+class PretrainRecipe(Strict):
+    """`prunectl pretrain`: train a Llama from random initialisation on named data ranges."""
+
+    name: str
+    stage: Literal["pretrain"]
+    description: str = ""
+    data: str = Field(description="prepared data run, as name, name@latest or name@vNNN")
+    model: ModelConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig
+    launch: LaunchConfig = LaunchConfig()
+
+    @model_validator(mode="after")
+    def _budget_fits_one_step(self) -> PretrainRecipe:
+        step_tokens = self.train.global_batch * self.train.seq_len
+        if self.train.tokens < step_tokens:
+            raise ValueError(
+                f"train.tokens={self.train.tokens} is less than one optimizer step "
+                f"(global_batch x seq_len = {step_tokens}); raise train.tokens"
+            )
+        if self.train.seq_len > self.model.max_position:
+            raise ValueError(
+                f"train.seq_len={self.train.seq_len} exceeds model.max_position={self.model.max_position}"
+            )
+        return self
+
+
+Recipe = Annotated[Union[DataRecipe, PretrainRecipe], Field(discriminator="stage")]
+_RECIPE = TypeAdapter(Recipe)
+_BY_STAGE: dict[str, type[Strict]] = {"data": DataRecipe, "pretrain": PretrainRecipe}
+
+
+def recipes_root() -> Path:
+    return Path(os.environ.get(RECIPES_ENV, "recipes"))
+
+
+def find_recipe(ref: str) -> Path:
+    """A recipe path, or a recipe name looked up under the recipes root."""
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise PrunectlError(f"{ref}: no such recipe file")
+        return path
+    for candidate in list_recipe_files():
+        if _raw_name(candidate) == ref:
+            return candidate
+    names = [_raw_name(p) for p in list_recipe_files()]
+    hint = difflib.get_close_matches(ref, names, n=1)
+    suffix = f"; did you mean '{hint[0]}'?" if hint else "; `prunectl recipes ls` lists them"
+    raise PrunectlError(f"{ref}: no recipe file or recipe name under {recipes_root()}/{suffix}")
+
+
+def list_recipe_files() -> list[Path]:
+    """Every shipped recipe; files starting with '_' are partials meant for `extends:`."""
+    root = recipes_root()
+    return sorted(p for p in root.rglob("*.yaml") if not p.name.startswith("_"))
+
+
+def _raw_name(path: Path) -> str:
+    try:
+        raw = load_raw(path)
+    except PrunectlError:
+        return default_name(path)
+    return str(raw.get("name") or default_name(path))
+
+
+def default_name(path: Path) -> str:
+    return f"{path.parent.name}-{path.stem}"
+
+
+def load_raw(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """YAML with `extends:` (a path relative to the file) merged underneath, recursively."""
+    path = path.resolve()
+    if path in _seen:
+        chain = " -> ".join(p.name for p in (*_seen, path))
+        raise PrunectlError(f"extends: cycle {chain}; remove one of the extends")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise PrunectlError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PrunectlError(f"{path}:{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise PrunectlError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    base_ref = raw.pop("extends", None)
+    if base_ref is None:
+        return raw
+    base = load_raw(path.parent / str(base_ref), (*_seen, path))
+    return deep_merge(base, raw)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`a.b=value` with value parsed as YAML (so 3e-4, true, [1, 2] keep their types)."""
+    raw = dict(raw)
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"{item}: an override is key.path=value, e.g. train.tokens=1000000")
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if not isinstance(child, dict):
+                if child is not None:
+                    problems.append(f"{'.'.join(parts[: i + 1])}: is not a mapping, cannot set {key}")
+                    break
+                child = {}
+            node[part] = child = dict(child)
+            node = child
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise PrunectlError(*problems)
+    return raw
+
+
+def resolve(ref: str, overrides: list[str] = ()) -> Recipe:
+    """Load, merge, override and validate a recipe; every problem in one PrunectlError."""
+    path = find_recipe(ref)
+    raw = apply_overrides(load_raw(path), list(overrides))
+    raw.setdefault("name", default_name(path))
+    try:
+        return _RECIPE.validate_python(raw)
+    except ValidationError as err:
+        raise PrunectlError(*_describe(err, raw)) from None
+
+
+def dump(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def _describe(err: ValidationError, raw: dict[str, Any]) -> list[str]:
+    stage_cls = _BY_STAGE.get(str(raw.get("stage")))
+    lines = []
+    for item in err.errors():
+        loc = list(item["loc"])
+        if item["type"] == "union_tag_invalid" or (item["type"] == "union_tag_not_found"):
+            lines.append(f"stage: must be one of {', '.join(_BY_STAGE)} (got {raw.get('stage')!r})")
+            continue
+        if loc and loc[0] in _BY_STAGE:  # discriminated union prefixes the tag
+            loc = loc[1:]
+        path = _dotted(loc) or "(recipe)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = f"unknown key{_suggest(stage_cls, loc)}"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        elif "input" in item and item["type"] not in ("model_type",) and not isinstance(item["input"], dict):
+            message = f"{message} (got {item['input']!r})"
+        lines.append(f"{path}: {message}")
+    return lines
+
+
+def _dotted(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _suggest(model: type | None, loc: list[Any]) -> str:
+    """Walk the schema along loc[:-1] and propose the closest field name to loc[-1]."""
+    for part in loc[:-1]:
+        if model is None:
+            return ""
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        model = _model_in(field.annotation) if field else None
+    fields = list(getattr(model, "model_fields", {}) or [])
+    match = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else (f"; expected one of {', '.join(fields)}" if fields else "")
+
+
+def _model_in(annotation: Any) -> type | None:
+    if isinstance(annotation, type) and issubclass(annotation, Strict):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

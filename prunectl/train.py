@@ -1,0 +1,361 @@
+"""The one training loop (pretrain now, retrain later): DeepSpeed ZeRO, exact token budget, resume, preemption.
+
+Every rank runs `train(run_dir)`. The data order is a pure function of (seed, ranges, budget,
+step), and checkpoints carry the step, so a resumed run continues on exactly the sequences the
+interrupted one would have seen next. A checkpoint counts only once `latest.json` names it,
+written after every rank has saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from .schema import Strict
+
+
+class OptimizerConfig(Strict):
+    """AdamW with linear warmup then cosine decay to min_lr_ratio x peak (the paper's Lingua recipe)."""
+
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+
+
+class TrainConfig(Strict):
+    tokens: int = Field(gt=0, description="token budget; the run stops after floor(tokens / (global_batch x seq_len)) steps")
+    data_ranges: list[str] = Field(default_factory=lambda: ["pretrain"], min_length=1)
+    seq_len: int = Field(256, ge=2)
+    global_batch: int = Field(16, ge=1, description="sequences per optimizer step, over all ranks")
+    micro_batch: int = Field(16, ge=1, description="sequences per forward pass on one rank")
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0: only on preemption")
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(100, ge=0, description="steps between held-out evaluations; 0: only at the end")
+    eval_range: str = "validation"
+    eval_tokens: int = Field(65_536, ge=2)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batches(self) -> TrainConfig:
+        if self.global_batch % self.micro_batch:
+            raise ValueError(f"global_batch={self.global_batch} must be a multiple of micro_batch={self.micro_batch}")
+        return self
+
+
+def lr_factor(step: int, total: int, opt: OptimizerConfig) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based) of `total`."""
+    warmup = int(round(opt.warmup_ratio * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return opt.min_lr_ratio + (1 - opt.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def deepspeed_config(train: TrainConfig, opt: OptimizerConfig, world: int, bf16: bool) -> dict[str, Any]:
+    per_step = train.micro_batch * world
+    if train.global_batch % per_step:
+        from .errors import PrunectlError
+
+        raise PrunectlError(
+            f"train.global_batch={train.global_batch} is not a multiple of micro_batch x ranks = {per_step}"
+        )
+    return {
+        "train_batch_size": train.global_batch,
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": train.global_batch // per_step,
+        "gradient_clipping": opt.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay},
+            "torch_adam": True,  # plain torch AdamW: no fused-op build, same maths on CPU and GPU
+        },
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class StopRequest:
+    """Preemption, time-limit (SIGUSR2 from Slurm/submitit) or SIGTERM: finish the step, save, leave."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+
+
+class Reporter:
+    """Rank 0's metrics.jsonl plus a live view: a rich bar on a terminal, plain lines in a log."""
+
+    def __init__(self, path: Path, resume_step: int, total_steps: int, tokens_per_step: int) -> None:
+        self.path = path
+        if path.exists():  # drop records past the checkpoint we resumed from
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in keep))
+        self.handle = open(path, "a")
+        self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+        self.progress = None
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=resume_step, info="")
+            self.progress.start()
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["step"], info=text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.handle.close()
+
+
+def _latest_checkpoint(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / "latest.json").read_text())
+    except FileNotFoundError:
+        return None
+
+
+def train(run_dir: Path) -> dict[str, Any]:
+    """Run (or resume) the training described by run_dir/recipe.yaml; returns the summary."""
+    from . import launch
+
+    env = launch.init_distributed()
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from . import model as models
+    from . import store
+    from .data import SequencePlan, TokenStream, batch, validation_starts
+    from .recipe import PretrainRecipe
+
+    run_dir = Path(run_dir)
+    run = store.Run(run_dir.parent.parent, run_dir.parent.name, int(run_dir.name[1:]))
+    recipe = PretrainRecipe.model_validate(__import__("yaml").safe_load((run_dir / "recipe.yaml").read_text()))
+    manifest = run.manifest()
+    cfg, opt = recipe.train, recipe.optimizer
+    stop = StopRequest()
+    try:
+        data_run = store.resolve(run.root, manifest.inputs["data"])
+        stream = TokenStream(data_run.dir)
+        tokenizer = AutoTokenizer.from_pretrained(data_run.dir / "tokenizer")
+
+        device = env.device
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        tokens_per_step = cfg.global_batch * cfg.seq_len
+        total_steps = cfg.tokens // tokens_per_step
+        plan = SequencePlan([stream.range(r) for r in cfg.data_ranges], cfg.seq_len, total_steps * cfg.global_batch, cfg.seed)
+        val_starts = validation_starts(stream, cfg.eval_range, cfg.seq_len, cfg.eval_tokens)
+
+        hf_config = models.llama_config(
+            recipe.model, stream.vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
+        net = models.build(hf_config, cfg.seed)
+        counts = models.parameter_counts(net)
+        ds_config = deepspeed_config(cfg, opt, env.world, use_bf16)
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=net,
+            model_parameters=net.parameters(),
+            config=ds_config,
+            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, total_steps, opt)),
+        )
+
+        ckpt_dir = run_dir / "checkpoints"
+        latest = _latest_checkpoint(ckpt_dir)
+        step = 0
+        if latest is not None:
+            _, client = engine.load_checkpoint(str(ckpt_dir), tag=latest["tag"])
+            step = int(client["step"])
+
+        if env.rank == 0:
+            job_ids = list(manifest.job_ids)
+            if env.job_id and env.job_id not in job_ids:
+                job_ids.append(env.job_id)
+            run.update(
+                status="running",
+                started=manifest.started or store.now(),
+                job_ids=job_ids,
+                pid=os.getpid(),
+                host=os.uname().nodename,
+                note=f"resumed at step {step}" if step else None,
+                data=store.DataUse(
+                    data=data_run.ref,
+                    ranges=cfg.data_ranges,
+                    seq_len=cfg.seq_len,
+                    sequences=plan.sequences,
+                    tokens=plan.sequences * cfg.seq_len,
+                    budget_tokens=cfg.tokens,
+                    epochs=plan.epochs,
+                    seed=cfg.seed,
+                    intervals=[store.TokenInterval(range=r.name, start=r.start, end=r.end) for r in plan.intervals()],
+                ),
+                summary={"parameters": counts, "steps": total_steps, "world_size": env.world},
+            )
+        reporter = Reporter(run_dir / "metrics.jsonl", step, total_steps, tokens_per_step) if env.rank == 0 else None
+
+        per_rank = cfg.global_batch // env.world
+        micro_steps = per_rank // cfg.micro_batch
+
+        def held_out_loss() -> float:
+            engine.eval()
+            mine = val_starts[env.rank :: env.world]
+            total = torch.zeros(2, dtype=torch.float64, device=device)
+            with torch.no_grad():
+                for i in range(0, len(mine), cfg.micro_batch):
+                    x = torch.from_numpy(batch(stream, mine[i : i + cfg.micro_batch], cfg.seq_len)).to(device)
+                    loss = engine(input_ids=x, labels=x).loss.double()
+                    n = x.shape[0] * (cfg.seq_len - 1)
+                    total += torch.stack([loss * n, torch.tensor(float(n), dtype=torch.float64, device=device)])
+            if env.world > 1:
+                dist.all_reduce(total)
+            engine.train()
+            return float(total[0] / total[1])
+
+        def save_checkpoint() -> None:
+            tag = f"step{step:08d}"
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+            if env.world > 1:
+                dist.barrier()
+            if env.rank == 0:
+                store.fsync_tree(ckpt_dir / tag)
+                store.write_json(ckpt_dir / "latest.json", {"tag": tag, "step": step, "tokens": step * tokens_per_step})
+                tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
+                for old in tags[: -cfg.keep_checkpoints]:
+                    __import__("shutil").rmtree(old, ignore_errors=True)
+            if env.world > 1:
+                dist.barrier()
+
+        engine.train()
+        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        val_loss = None
+        while step < total_steps:
+            first = step * cfg.global_batch + env.rank * per_rank
+            starts = plan.starts(first, per_rank)
+            step_loss = 0.0
+            for m in range(micro_steps):
+                x = torch.from_numpy(batch(stream, starts[m * cfg.micro_batch : (m + 1) * cfg.micro_batch], cfg.seq_len))
+                x = x.to(device, non_blocking=True)
+                loss = engine(input_ids=x, labels=x).loss
+                engine.backward(loss)
+                engine.step()
+                step_loss += loss.item() / micro_steps
+            step += 1
+            window_loss += step_loss
+            window_steps += 1
+
+            if step % cfg.log_every == 0 or step == total_steps:
+                mean = torch.tensor([window_loss / window_steps], device=device)
+                if env.world > 1:
+                    dist.all_reduce(mean)
+                    mean /= env.world
+                elapsed = time.perf_counter() - window_start
+                grad_norm = engine.get_global_grad_norm()
+                if reporter:
+                    reporter.log({
+                        "step": step,
+                        "tokens": step * tokens_per_step,
+                        "loss": float(mean),
+                        "lr": float(scheduler.get_last_lr()[0]),
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "tokens_per_s": window_steps * tokens_per_step / elapsed,
+                    })
+                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+                val_loss = held_out_loss()
+                if reporter:
+                    reporter.log({"step": step, "tokens": step * tokens_per_step, "val_loss": val_loss})
+                window_start = time.perf_counter()
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                save_checkpoint()
+                window_start = time.perf_counter()
+            if _agree(stop.signum is not None, env, dist, device) and step < total_steps:
+                save_checkpoint()
+                _leave_for_requeue(run, env, step, stop.signum)
+
+        state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else None
+        summary: dict[str, Any] = {}
+        if env.rank == 0:
+            reporter.close()
+            staging = run_dir / "final.partial"
+            __import__("shutil").rmtree(staging, ignore_errors=True)
+            module = engine.module
+            models.save(module, state if state is not None else {k: v.detach().cpu() for k, v in module.state_dict().items()}, tokenizer, staging)
+            store.publish_dir(staging, run.final)
+            summary = {
+                **run.manifest().summary,
+                "tokens": step * tokens_per_step,
+                "final_val_loss": val_loss,
+                "unigram_entropy_nats": stream.meta["unigram_entropy_nats"],
+            }
+            store.mark_complete(run, summary=summary, note=None)
+        if env.world > 1:
+            dist.barrier()
+        return summary
+    except SystemExit:
+        raise
+    except BaseException as err:
+        if env.rank == 0:
+            run.update(status="failed", finished=store.now(), note=f"{type(err).__name__}: {err}".splitlines()[0][:500])
+        raise
+
+
+def _agree(local: bool, env, dist, device) -> bool:
+    """All ranks stop at the same step if any one of them was signalled."""
+    if env.world == 1:
+        return local
+    import torch
+
+    flag = torch.tensor([1.0 if local else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _leave_for_requeue(run, env, step: int, signum: int | None) -> None:
+    """After the checkpoint: requeue on Slurm preemption/time limit, otherwise stop resumably."""
+    from . import store
+
+    requeue = signum == signal.SIGUSR2 and env.slurm_job_id is not None
+    if env.rank == 0:
+        if requeue:
+            run.update(status="pending", note=f"preempted at step {step}; requeued, resumes from its checkpoint")
+            subprocess.run(["scontrol", "requeue", env.slurm_job_id], check=False)
+        else:
+            name = signal.Signals(signum).name if signum else "signal"
+            run.update(status="failed", finished=store.now(),
+                       note=f"stopped by {name} at step {step}; run the same command again to resume")
+    # SystemExit is not an Exception: submitit writes no result, so the job is not seen as finished.
+    sys.exit(3)
