@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -23,7 +24,7 @@ recipes_app = typer.Typer(help="List and inspect recipes.", no_args_is_help=True
 data_app = typer.Typer(help="Prepare token data: shards and named disjoint ranges.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(data_app, name="data")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 RecipeArg = Annotated[str, typer.Argument(help="recipe file, or recipe name under recipes/")]
@@ -122,6 +123,7 @@ def pretrain(
     executor: ExecutorOpt = "local",
     profile: Annotated[Optional[str], typer.Option(help="Slurm profile in slurm/profiles (default: the recipe's)")] = None,
     runs_dir: RunsDir = None,
+    array: Annotated[Optional[str], typer.Option("--array", help="key=v1,v2,...: one run per value, one job array")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and batch script; write nothing")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="follow a Slurm job until it ends (local and debug always do)")] = False,
     new: Annotated[bool, typer.Option("--new", help="always start a new version instead of resuming an interrupted one")] = False,
@@ -131,33 +133,25 @@ def pretrain(
 
     if executor not in ("slurm", "local", "debug"):
         raise PrunectlError(f"--executor: '{executor}' is not one of slurm, local, debug")
-    r = recipes.resolve(recipe, overrides or [])
+    variants = [list(overrides or [])]
+    if array is not None:
+        key, sep, values = array.partition("=")
+        if not sep or not key or not values:
+            raise PrunectlError(f"--array: '{array}' is not key=v1,v2,... e.g. --array train.seed=0,1,2")
+        variants = [[*variants[0], f"{key}={v}"] for v in values.split(",")]
+    resolved = [recipes.resolve(recipe, v) for v in variants]
+    r = resolved[0]
     if not isinstance(r, recipes.PretrainRecipe):
         raise PrunectlError(f"{recipe}: is a {r.stage} recipe; `pretrain` takes a recipe with stage: pretrain")
     root = store.runs_root(runs_dir)
     res = launch.resources(r.launch, profile)
-    problems = []
-    if r.train.global_batch % (r.train.micro_batch * res.world):
-        problems.append(f"train.global_batch: {r.train.global_batch} is not a multiple of micro_batch x ranks "
-                        f"= {r.train.micro_batch} x {res.world}")
-    try:
-        data_run = store.resolve(root, r.data)
-    except PrunectlError as err:
-        data_run = None
-        problems.append(f"data: {err.problems[0]}; prepare it with `prunectl data prepare <its recipe>`")
-    if data_run is not None:
-        meta = json.loads((data_run.dir / "data.json").read_text())
-        missing = [n for n in [*r.train.data_ranges, r.train.eval_range] if n not in meta["ranges"]]
-        if missing:
-            problems.append(f"train.data_ranges: {data_run.ref} has no range {', '.join(missing)} "
-                            f"(it has {', '.join(meta['ranges'])})")
-    if problems:
-        raise PrunectlError(*problems)
+    data_run = _check_inputs(root, r, res)
 
     if dry_run:
-        console.rule("resolved recipe")
-        console.print(recipes.dump(r), markup=False, highlight=False)
-        console.rule(f"batch script ({executor} executor)")
+        for each in resolved:
+            console.rule(f"resolved recipe {each.name}")
+            console.print(recipes.dump(each), markup=False, highlight=False)
+        console.rule(f"batch script ({executor} executor{', one array' if array else ''})")
         folder = root / r.name / "vNNN" / "logs"
         if executor == "slurm":
             console.print(launch.batch_script(folder, res, r.name), markup=False, highlight=False)
@@ -166,29 +160,57 @@ def pretrain(
                           f"logs in {folder}", markup=False)
         return
 
-    run = _resumable(root, r, new)
-    if run is None:
-        run = store.allocate(root, r.name)
-        (run.dir / "recipe.yaml").write_text(recipes.dump(r))
-        run.write_manifest(store.Manifest(name=r.name, version=run.version, stage="pretrain",
-                                          inputs={"data": data_run.ref}, executor=executor))
-    else:
-        console.print(f"resuming {run.ref} from its newest complete checkpoint")
-        run.update(executor=executor, status="pending", finished=None)
-    job = launch.make_executor(executor, run.dir / "logs", res, r.name).submit(
-        launch.StageJob("pretrain", str(run.dir), res.cpus_per_task))
-    manifest = run.manifest()
-    if str(job.job_id) not in manifest.job_ids:
-        run.update(job_ids=[*manifest.job_ids, str(job.job_id)])
-    console.print(f"submitted {r.name} as job {job.job_id} ({executor}); run directory {run.dir}")
+    runs = []
+    for each in resolved:
+        run = None if array else _resumable(root, each, new)
+        if run is None:
+            run = store.allocate(root, each.name)
+            (run.dir / "recipe.yaml").write_text(recipes.dump(each))
+            run.write_manifest(store.Manifest(name=each.name, version=run.version, stage="pretrain",
+                                              inputs={"data": data_run.ref}, executor=executor))
+        else:
+            console.print(f"resuming {run.ref} from its newest complete checkpoint")
+            run.update(executor=executor, status="pending", finished=None)
+        runs.append(run)
+    jobs = launch.submit(executor, res, r.name, "pretrain", [run.dir for run in runs])
+    for run, job in zip(runs, jobs):
+        manifest = run.manifest()
+        if str(job.job_id) not in manifest.job_ids:
+            run.update(job_ids=[*manifest.job_ids, str(job.job_id)])
+        console.print(f"submitted {run.ref} as job {job.job_id} ({executor}); run directory {run.dir}")
     if executor != "slurm" or wait:
-        _follow(run, job)
+        failed = [run for run, job in zip(runs, jobs) if not _follow(run, job)]
+        if failed:
+            raise typer.Exit(1)
+
+
+def _check_inputs(root: Path, r, res) -> store.Run:
+    """Everything that would stop the job, found before anything is written; all problems at once."""
+    problems = []
+    if r.train.global_batch % (r.train.micro_batch * res.world):
+        problems.append(f"train.global_batch: {r.train.global_batch} is not a multiple of micro_batch x ranks "
+                        f"= {r.train.micro_batch} x {res.world}")
+    data_run = None
+    try:
+        data_run = store.resolve(root, r.data)
+    except PrunectlError as err:
+        problems.append(f"data: {err.problems[0]}; prepare it with `prunectl data prepare <its recipe>`")
+    if data_run is not None:
+        meta = json.loads((data_run.dir / "data.json").read_text())
+        missing = [n for n in [*r.train.data_ranges, r.train.eval_range] if n not in meta["ranges"]]
+        if missing:
+            problems.append(f"train.data_ranges: {data_run.ref} has no range {', '.join(missing)} "
+                            f"(it has {', '.join(meta['ranges'])})")
+        vocab = meta["tokenizer"]["vocab_size"]
+        if r.model.vocab is not None and r.model.vocab < vocab:
+            problems.append(f"model.vocab: {r.model.vocab} is smaller than the tokenizer's {vocab}")
+    if problems:
+        raise PrunectlError(*problems)
+    return data_run
 
 
 def _resumable(root: Path, r, new: bool) -> store.Run | None:
     """The newest version of this exact recipe, if it was interrupted and nothing is running it."""
-    from . import launch
-
     runs = store.versions(root, r.name)
     if new or not runs:
         return None
@@ -211,7 +233,22 @@ def _alive(manifest: store.Manifest) -> bool:
     return manifest.status in ("running", "pending") and launch.pid_alive(manifest.pid, manifest.host)
 
 
-def _follow(run: store.Run, job) -> None:
+def _job_over(job) -> bool:
+    """submitit's done() waits for a result file a cancelled Slurm job never writes; squeue settles it."""
+    if job.done():
+        return True
+    if type(job).__name__ != "SlurmJob":
+        return False
+    from . import launch
+
+    for _ in range(3):  # a requeued job is briefly absent between its two lives
+        if launch.slurm_state(str(job.job_id)) is not None:
+            return False
+        time.sleep(2)
+    return True
+
+
+def _follow(run: store.Run, job) -> bool:
     """A progress bar fed by the run's metrics.jsonl until the job ends."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -219,13 +256,11 @@ def _follow(run: store.Run, job) -> None:
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=err_console) as progress:
         task = progress.add_task(run.ref, total=None, info="starting")
-        seen = 0
-        while not job.done():
+        while not _job_over(job):
             manifest = run.manifest()
             total = manifest.summary.get("steps") if manifest else None
             if metrics.exists():
                 lines = metrics.read_text().splitlines()
-                seen = len(lines)
                 last = {k: v for line in lines[-3:] for k, v in json.loads(line).items()}
                 info = "  ".join(f"{k} {last[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s") if last.get(k) is not None)
                 progress.update(task, total=total, completed=last.get("step", 0), info=info)
@@ -236,13 +271,13 @@ def _follow(run: store.Run, job) -> None:
         console.print(f"[green]complete[/] {run.ref}: {summary.get('tokens', 0):,} tokens, held-out loss "
                       f"{summary.get('final_val_loss', float('nan')):.4f} (unigram entropy "
                       f"{summary.get('unigram_entropy_nats', float('nan')):.4f}); model in {run.final}")
-        return
+        return True
     logs = sorted((run.dir / "logs").glob("*_0_log.err"))
     note = manifest.note if manifest else "no manifest"
     err_console.print(f"[red]{run.ref} did not complete[/]: {note}")
     if logs:
         err_console.print(f"log: {logs[-1]}")
-    raise typer.Exit(1)
+    return False
 
 
 # ---------------------------------------------------------------------------- status
@@ -296,6 +331,6 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")
         sys.exit(130)
-    except __import__("click").ClickException as err:
+    except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)

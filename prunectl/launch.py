@@ -138,6 +138,21 @@ def make_executor(kind: Executor, folder: Path, res: Resources, name: str):
     return submitit.DebugExecutor(folder=folder)
 
 
+def submit(kind: Executor, res: Resources, name: str, stage: str, run_dirs: list[Path]) -> list:
+    """One job per run directory; several go out as one job array sharing one submitit folder."""
+    if len(run_dirs) == 1:
+        ex = make_executor(kind, run_dirs[0] / "logs", res, name)
+        return [ex.submit(StageJob(stage, str(run_dirs[0]), res.cpus_per_task))]
+    folder = run_dirs[0].parent / "arrays" / f"{run_dirs[0].name}-{run_dirs[-1].name}"
+    ex = make_executor(kind, folder, res, name)
+    with ex.batch():
+        jobs = [ex.submit(StageJob(stage, str(d), res.cpus_per_task)) for d in run_dirs]
+    for d in run_dirs:  # each run's logs/ still leads to its logs
+        (d / "logs").mkdir(exist_ok=True)
+        (d / "logs" / "array").symlink_to(folder.resolve(), target_is_directory=True)
+    return jobs
+
+
 def batch_script(folder: Path, res: Resources, name: str) -> str:
     """The sbatch script submitit would submit (for --dry-run), without touching the cluster."""
     from submitit.slurm import slurm
@@ -158,15 +173,14 @@ def slurm_state(job_id: str) -> str | None:
 
 
 def pid_alive(pid: int | None, host: str | None) -> bool:
+    """A live process on this host (a zombie left by a killed parent counts as dead)."""
     if not pid or host != socket.gethostname():
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -19,6 +20,21 @@ from .schema import Strict
 from .train import OptimizerConfig, TrainConfig
 
 RECIPES_ENV = "PRUNECTL_RECIPES"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 numbers: `2e6` and `3e-4` are floats (PyYAML's 1.1 rules read them as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class DataRecipe(Strict):
@@ -107,7 +123,7 @@ def load_raw(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         chain = " -> ".join(p.name for p in (*_seen, path))
         raise PrunectlError(f"extends: cycle {chain}; remove one of the extends")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise PrunectlError(f"{path}: no such recipe file") from None
     except yaml.YAMLError as err:
@@ -143,7 +159,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             problems.append(f"{item}: an override is key.path=value, e.g. train.tokens=1000000")
             continue
         try:
-            value = yaml.safe_load(text)
+            value = _yaml(text)
         except yaml.YAMLError:
             value = text
         node = raw

@@ -12,7 +12,6 @@ import re
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -72,6 +71,7 @@ class Manifest(BaseModel):
     started: str | None = None
     finished: str | None = None
     note: str | None = None
+    resumed_from: list[int] = Field(default_factory=list, description="steps at which the run resumed")
     summary: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -252,12 +252,3 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return found
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

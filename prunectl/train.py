@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
+import yaml
 from pydantic import Field, model_validator
 
 from .schema import Strict
@@ -165,7 +166,7 @@ def train(run_dir: Path) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     run = store.Run(run_dir.parent.parent, run_dir.parent.name, int(run_dir.name[1:]))
-    recipe = PretrainRecipe.model_validate(__import__("yaml").safe_load((run_dir / "recipe.yaml").read_text()))
+    recipe = PretrainRecipe.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
     manifest = run.manifest()
     cfg, opt = recipe.train, recipe.optimizer
     stop = StopRequest()
@@ -212,6 +213,7 @@ def train(run_dir: Path) -> dict[str, Any]:
                 pid=os.getpid(),
                 host=os.uname().nodename,
                 note=f"resumed at step {step}" if step else None,
+                resumed_from=[*manifest.resumed_from, step] if step else manifest.resumed_from,
                 data=store.DataUse(
                     data=data_run.ref,
                     ranges=cfg.data_ranges,
@@ -255,7 +257,7 @@ def train(run_dir: Path) -> dict[str, Any]:
                 store.write_json(ckpt_dir / "latest.json", {"tag": tag, "step": step, "tokens": step * tokens_per_step})
                 tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
                 for old in tags[: -cfg.keep_checkpoints]:
-                    __import__("shutil").rmtree(old, ignore_errors=True)
+                    shutil.rmtree(old, ignore_errors=True)
             if env.world > 1:
                 dist.barrier()
 
@@ -311,7 +313,7 @@ def train(run_dir: Path) -> dict[str, Any]:
         if env.rank == 0:
             reporter.close()
             staging = run_dir / "final.partial"
-            __import__("shutil").rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
             module = engine.module
             models.save(module, state if state is not None else {k: v.detach().cpu() for k, v in module.state_dict().items()}, tokenizer, staging)
             store.publish_dir(staging, run.final)

@@ -34,13 +34,17 @@ require_root() {
 }
 
 # True if the pid file names a live process whose command is $2. Checking
-# the command guards against a stale pid file whose pid was reused.
+# the command guards against a stale pid file whose pid was reused; zombies
+# count as dead (in containers PID 1 may be slow to reap killed daemons).
 pid_alive() {
-    local pidfile=$1 comm=$2 pid
+    local pidfile=$1 comm=$2 pid stat
     [[ -r $pidfile ]] || return 1
     pid=$(<"$pidfile")
     [[ $pid =~ ^[0-9]+$ ]] || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]]
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    # /proc/PID/stat is "PID (COMM) STATE ...".
+    local name=${stat#*(} state=${stat##*) }
+    [[ ${name%)*} == "$comm" && ${state%% *} != Z ]]
 }
 
 install_packages() {
@@ -51,9 +55,10 @@ install_packages() {
     log "installing slurm-wlm and munge with apt-get"
     export DEBIAN_FRONTEND=noninteractive
     local -a install=(apt-get install -y -qq --no-install-recommends slurm-wlm munge)
-    # Refresh the package lists only if installing from the current ones
-    # fails (fresh images ship without lists; old lists give 404s).
-    if ! "${install[@]}" >/dev/null; then
+    # Refresh the package lists only when needed: fresh images ship without
+    # them, and stale ones make the install fail (404s).
+    if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null \
+        || ! "${install[@]}" >/dev/null 2>&1; then
         apt-get update -qq
         "${install[@]}" >/dev/null
     fi

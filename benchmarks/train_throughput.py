@@ -1,0 +1,173 @@
+"""Training throughput: prunectl's engine against a bare PyTorch loop, same model, batches and CPU threads.
+
+What it measures: steady-state training tokens/s (optimizer steps of global_batch x seq_len tokens) of
+
+  bare      a plain loop: prunectl.model.build(seed), the batches of prunectl.data.SequencePlan in
+            run order, torch.optim.AdamW with the recipe's hyperparameters, the recipe's LR schedule
+            (prunectl.train.lr_factor via LambdaLR), grad clipping, fp32, loss.item() every step;
+  prunectl  the real engine, prunectl.train.train(run_dir) in this process (single gloo rank,
+            DeepSpeed ZeRO), on a run directory set up the way `prunectl pretrain` sets it up;
+
+and the ratio prunectl / bare (target >= 0.9).
+
+How: the tiny data is prepared into a temporary runs dir (`prunectl data prepare recipes/tiny/data.yaml`),
+recipes/tiny/parent.yaml is resolved with train.tokens=--tokens, eval_every=0 and checkpoint_every=0
+(one evaluation, at the end, outside the timed windows) and log_every=5. Both sides time windows of
+5 optimizer steps the same way; the first --warmup-windows windows are dropped and a run's
+steady-state rate is the median window (robust to bursts of other load on a shared machine; the
+1-minute load average before each run is printed). prunectl's windows are read from the run's
+metrics.jsonl ("tokens_per_s").
+Both use 2 torch threads (the recipe's launch.cpus_per_task, passed as PRUNECTL_THREADS). Each repeat
+runs bare, then prunectl; the table shows the median over repeats. End-to-end wall time (setup,
+training, final evaluation and save for prunectl; build and loop for bare) is shown for information.
+The last window's loss of both sides is printed as a check that they train the same thing.
+
+    .venv/bin/python benchmarks/train_throughput.py [--tokens 409600] [--zero-stage 2] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from prunectl import recipe as recipes, store  # noqa: E402
+
+LOG_EVERY = 5
+
+
+def steady(windows: list[tuple[int, float]], skip: int) -> float:
+    """Median tokens/s of the (tokens, seconds) windows after the first `skip`."""
+    return statistics.median(t / s for t, s in windows[skip:])
+
+
+def threads(r) -> int:
+    return r.launch.cpus_per_task or 1  # what launch.StageJob passes as PRUNECTL_THREADS
+
+
+def bare(r, runs: Path) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from prunectl import model as models
+    from prunectl.data import SequencePlan, TokenStream, batch
+    from prunectl.train import lr_factor
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(threads(r))
+    cfg, opt = r.train, r.optimizer
+    data_dir = store.resolve(runs, r.data).dir
+    stream, tok = TokenStream(data_dir), AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    step_tokens = cfg.global_batch * cfg.seq_len
+    steps, micro = cfg.tokens // step_tokens, cfg.global_batch // cfg.micro_batch
+    plan = SequencePlan([stream.range(n) for n in cfg.data_ranges], cfg.seq_len, steps * cfg.global_batch, cfg.seed)
+    net = models.build(models.llama_config(r.model, stream.vocab_size, tok.bos_token_id, tok.eos_token_id,
+                                           tok.pad_token_id), cfg.seed)
+    net.train()
+    optim = torch.optim.AdamW(net.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, steps, opt))
+
+    windows, losses, start = [], [], time.perf_counter()
+    for step in range(steps):
+        starts = plan.starts(step * cfg.global_batch, cfg.global_batch)
+        step_loss = 0.0
+        for m in range(micro):
+            x = torch.from_numpy(batch(stream, starts[m * cfg.micro_batch:(m + 1) * cfg.micro_batch], cfg.seq_len))
+            loss = net(input_ids=x, labels=x).loss
+            (loss / micro).backward()
+            step_loss += loss.item() / micro
+        if opt.grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), opt.grad_clip)
+        optim.step()
+        sched.step()
+        optim.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
+            now = time.perf_counter()
+            windows.append((len(losses) * step_tokens, now - start))
+            last_loss, losses, start = sum(losses) / len(losses), [], now
+    return {"windows": windows, "wall": time.perf_counter() - t0, "loss": last_loss}
+
+
+def prunectl_run(r, runs: Path) -> dict:
+    from prunectl.train import train
+
+    run = store.allocate(runs, r.name)
+    (run.dir / "recipe.yaml").write_text(recipes.dump(r))
+    run.write_manifest(store.Manifest(name=r.name, version=run.version, stage="pretrain",
+                                      inputs={"data": store.resolve(runs, r.data).ref}, executor="here"))
+    os.environ["PRUNECTL_THREADS"] = str(threads(r))
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # the Reporter's per-window lines
+        train(run.dir)
+    wall = time.perf_counter() - t0
+    records = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    records = [x for x in records if "tokens_per_s" in x]
+    windows, prev = [], 0
+    for x in records:
+        windows.append((x["tokens"] - prev, (x["tokens"] - prev) / x["tokens_per_s"]))
+        prev = x["tokens"]
+    return {"windows": windows, "wall": wall, "loss": records[-1]["loss"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=100 * 16 * 256, help="training budget per run (default: 100 steps)")
+    ap.add_argument("--zero-stage", type=int, default=None, help="DeepSpeed ZeRO stage (default: the recipe's, 2)")
+    ap.add_argument("--repeats", type=int, default=2, help="bare + prunectl pairs, run alternately")
+    ap.add_argument("--warmup-windows", type=int, default=2, help=f"leading windows of {LOG_EVERY} steps to drop")
+    args = ap.parse_args()
+
+    overrides = [f"train.tokens={args.tokens}", "train.eval_every=0", "train.checkpoint_every=0",
+                 f"train.log_every={LOG_EVERY}"]
+    if args.zero_stage is not None:
+        overrides.append(f"train.zero_stage={args.zero_stage}")
+    r = recipes.resolve(str(ROOT / "recipes/tiny/parent.yaml"), overrides)
+    cfg = r.train
+    steps = cfg.tokens // (cfg.global_batch * cfg.seq_len)
+    if steps < (args.warmup_windows + 1) * LOG_EVERY:
+        sys.exit(f"--tokens gives {steps} steps; need more than {args.warmup_windows} warm-up windows of {LOG_EVERY}")
+
+    with tempfile.TemporaryDirectory(prefix="prunectl-bench-") as tmp:
+        runs = Path(tmp)
+        cli = Path(sys.executable).parent / "prunectl"
+        subprocess.run([str(cli), "data", "prepare", str(ROOT / "recipes/tiny/data.yaml"), "--runs-dir", tmp],
+                       check=True, stdout=subprocess.DEVNULL)
+        print(f"{r.name}: {steps} steps of {cfg.global_batch}x{cfg.seq_len} tokens, micro_batch {cfg.micro_batch}, "
+              f"ZeRO {cfg.zero_stage}, fp32, {threads(r)} threads; steady state = windows of {LOG_EVERY} steps "
+              f"after the first {args.warmup_windows}", flush=True)
+        results: dict[str, list[dict]] = {"bare": [], "prunectl": []}
+        for i in range(args.repeats):
+            for side, fn in (("bare", bare), ("prunectl", prunectl_run)):
+                load = os.getloadavg()[0]
+                res = fn(r, runs)
+                res["tps"] = steady(res["windows"], args.warmup_windows)
+                results[side].append(res)
+                gc.collect()
+                print(f"  repeat {i + 1} {side:8s} {res['tps']:8.0f} tokens/s  (end-to-end {res['wall']:.1f} s, "
+                      f"last-window loss {res['loss']:.4f}, load before {load:.1f})", flush=True)
+
+    b = statistics.median(x["tps"] for x in results["bare"])
+    p = statistics.median(x["tps"] for x in results["prunectl"])
+    ratio = p / b
+    print(f"\n{'':10s}{'tokens/s':>10s}{'end-to-end s':>14s}")
+    for side, tps in (("bare", b), ("prunectl", p)):
+        print(f"{side:10s}{tps:10.0f}{statistics.median(x['wall'] for x in results[side]):14.1f}")
+    per_repeat = ", ".join(f"{x['tps'] / y['tps']:.3f}" for x, y in zip(results["prunectl"], results["bare"]))
+    print(f"ratio     {ratio:10.3f}   target 0.9   {'PASS' if ratio >= 0.9 else 'FAIL'}   (per repeat: {per_repeat})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Real jobs on the local Slurm cluster (slurm/local-cluster.sh up): multi-rank ZeRO, a job array, a requeue."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from .conftest import manifest, prunectl
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return out.returncode == 0 and any(s.startswith(("idle", "mix", "alloc")) for s in out.stdout.split())
+
+
+if not _cluster_up():
+    if os.environ.get("PRUNECTL_REQUIRE_SLURM") == "1":
+        raise RuntimeError("the local Slurm cluster is not up: run `bash slurm/local-cluster.sh up`")
+    pytest.skip("no local Slurm cluster (bash slurm/local-cluster.sh up)", allow_module_level=True)
+
+pytestmark = pytest.mark.slurm
+SLURM = ["--executor", "slurm", "--profile", "local"]
+
+
+def test_two_rank_zero2_pretrain_through_slurm(fresh_runs):
+    runs, env = fresh_runs["runs"], fresh_runs["env"]
+    out = prunectl("pretrain", "test-parent", "launch.tasks_per_node=2", "launch.cpus_per_task=1",
+                   "train.tokens=65536", *SLURM, "--wait", env=env)
+    assert "submitted test-parent@v001 as job" in out.stdout
+    m = manifest(runs, "test-parent")
+    assert m["status"] == "complete" and m["executor"] == "slurm"
+    assert m["summary"]["world_size"] == 2 and m["data"]["tokens"] == 65536
+    assert m["job_ids"][0].isdigit()
+    assert m["summary"]["final_val_loss"] < m["summary"]["unigram_entropy_nats"]
+    assert (runs / "test-parent" / "v001" / "final" / "model.safetensors").exists()
+    assert len(list((runs / "test-parent" / "v001" / "logs").rglob("*_log.out"))) == 2  # one log per rank
+
+
+def test_job_array_gives_one_run_per_value(fresh_runs):
+    runs, env = fresh_runs["runs"], fresh_runs["env"]
+    prunectl("pretrain", "test-parent", "train.tokens=16384", "--array", "train.seed=0,1", *SLURM, "--wait", env=env)
+    first, second = manifest(runs, "test-parent", 1), manifest(runs, "test-parent", 2)
+    assert first["status"] == second["status"] == "complete"
+    array_id = first["job_ids"][0].split("_")[0]
+    assert {first["job_ids"][0], second["job_ids"][0]} == {f"{array_id}_0", f"{array_id}_1"}
+    seeds = {json.loads(json.dumps(m["data"]))["seed"] for m in (first, second)}
+    assert seeds == {0, 1}
+    status = prunectl("status", "test-parent", env=env).stdout
+    assert "test-parent@v001" in status and "test-parent@v002" in status
+
+
+def test_preemption_signal_saves_requeues_and_finishes(fresh_runs):
+    runs, env = fresh_runs["runs"], fresh_runs["env"]
+    prunectl("pretrain", "test-parent", "train.tokens=196608", "train.checkpoint_every=1000", *SLURM, env=env)
+    run_dir = runs / "test-parent" / "v001"
+    job_id = manifest(runs, "test-parent")["job_ids"][0]
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.5)
+    assert metrics.exists(), "training never started"
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what Slurm sends before preemption
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and manifest(runs, "test-parent")["status"] != "complete":
+        time.sleep(1)
+    m = manifest(runs, "test-parent")
+    assert m["status"] == "complete", m
+    assert m["resumed_from"] and 0 < m["resumed_from"][0] < m["summary"]["steps"]  # saved on the signal, not at a periodic checkpoint
+    assert m["job_ids"] == [job_id]  # the same job, requeued
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps))  # no step logged twice across the requeue
