@@ -97,8 +97,16 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(fresh_runs, tmp_path):
     assert len(m["job_ids"]) == 2
     ref, resumed = _weights(ref_runs / "test-parent" / "v001"), _weights(runs / "test-parent" / "v001")
     assert ref.keys() == resumed.keys()
-    for name in ref:
-        assert (ref[name] == resumed[name]).all(), f"{name} differs after resume"
+    # Same data, step, optimizer and LR state; reloaded fp32 tensors leave float32 round-off only
+    # (measured: <= 1e-6 after 256 steps; an off-by-one step or batch moves weights by ~1e-3).
+    worst = max(float((ref[k] - resumed[k]).abs().max()) for k in ref)
+    assert worst < 1e-5, f"weights differ by {worst} after resume"
+    assert _losses(runs / "test-parent" / "v001") == pytest.approx(_losses(ref_runs / "test-parent" / "v001"), rel=1e-5)
+
+
+def _losses(run_dir) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
 
 
 @pytest.mark.parametrize("stage", [1, 3])
