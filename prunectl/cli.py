@@ -72,7 +72,12 @@ def recipes_show(
 
 
 @data_app.command("prepare")
-def data_prepare(recipe: RecipeArg, overrides: Overrides = None, runs_dir: RunsDir = None) -> None:
+def data_prepare(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    runs_dir: RunsDir = None,
+    force: Annotated[bool, typer.Option("--force", help="prepare a new version even if an identical one exists")] = False,
+) -> None:
     """Tokenize the recipe's corpora into shards with pretrain/retrain/validation ranges (runs here)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -82,6 +87,11 @@ def data_prepare(recipe: RecipeArg, overrides: Overrides = None, runs_dir: RunsD
     if not isinstance(r, recipes.DataRecipe):
         raise PrunectlError(f"{recipe}: is a {r.stage} recipe; `data prepare` takes a recipe with stage: data")
     root = store.runs_root(runs_dir)
+    done = [run for run in store.versions(root, r.name)
+            if run.is_complete() and (run.dir / "recipe.yaml").read_text() == recipes.dump(r)]
+    if done and not force:
+        console.print(f"{done[-1].ref} already holds this exact recipe ({done[-1].dir}); --force prepares it again")
+        return
     run = store.allocate(root, r.name)
     try:
         (run.dir / "recipe.yaml").write_text(recipes.dump(r))
@@ -160,11 +170,12 @@ def pretrain(
                           f"logs in {folder}", markup=False)
         return
 
-    runs = []
+    runs, fresh = [], []
     for each in resolved:
         run = None if array else _resumable(root, each, new)
         if run is None:
             run = store.allocate(root, each.name)
+            fresh.append(run)
             (run.dir / "recipe.yaml").write_text(recipes.dump(each))
             run.write_manifest(store.Manifest(name=each.name, version=run.version, stage="pretrain",
                                               inputs={"data": data_run.ref}, executor=executor))
@@ -172,7 +183,15 @@ def pretrain(
             console.print(f"resuming {run.ref} from its newest complete checkpoint")
             run.update(executor=executor, status="pending", finished=None)
         runs.append(run)
-    jobs = launch.submit(executor, res, r.name, "pretrain", [run.dir for run in runs])
+    try:
+        jobs = launch.submit(executor, res, r.name, "pretrain", [run.dir for run in runs])
+    except Exception as err:  # sbatch refused (bad partition, account, ...): leave no pending run behind
+        for run in runs:
+            if run in fresh:
+                shutil.rmtree(run.dir, ignore_errors=True)
+            else:
+                run.update(status="failed", finished=store.now(), note="resubmission failed")
+        raise PrunectlError(f"submission failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}") from None
     for run, job in zip(runs, jobs):
         manifest = run.manifest()
         if str(job.job_id) not in manifest.job_ids:

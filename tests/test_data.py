@@ -91,3 +91,11 @@ def test_missing_hub_dataset_offline_is_one_clear_error(monkeypatch, tmp_path):
 def test_too_little_text_for_a_range():
     with pytest.raises(PrunectlError, match="got no document"):
         data.deal_ranges(["only one document"], {"validation": 0.1, "retrain": 0.1, "pretrain": 0.8}, 0)
+
+
+def test_preparing_the_same_recipe_again_is_a_no_op(workspace):
+    from .conftest import prunectl
+
+    out = prunectl("data", "prepare", str(workspace["recipes"] / "data.yaml"), env=workspace["env"])
+    assert "test-data@v001 already holds this exact recipe" in out.stdout
+    assert not (workspace["runs"] / "test-data" / "v002").exists()
