@@ -18,7 +18,8 @@ steady-state rate is the median window (robust to bursts of other load on a shar
 1-minute load average before each run is printed). prunectl's windows are read from the run's
 metrics.jsonl ("tokens_per_s").
 Both use 2 torch threads (the recipe's launch.cpus_per_task, passed as PRUNECTL_THREADS). Each repeat
-runs bare, then prunectl; the table shows the median over repeats. End-to-end wall time (setup,
+runs both, alternating which goes first (bare, prunectl, prunectl, bare, ...) so slow drifts in
+other load cancel; the table shows the median over repeats and the median of the per-repeat ratios. End-to-end wall time (setup,
 training, final evaluation and save for prunectl; build and loop for bare) is shown for information.
 The last window's loss of both sides is printed as a check that they train the same thing.
 
@@ -33,6 +34,7 @@ import gc
 import io
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -126,9 +128,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=100 * 16 * 256, help="training budget per run (default: 100 steps)")
     ap.add_argument("--zero-stage", type=int, default=None, help="DeepSpeed ZeRO stage (default: the recipe's, 2)")
-    ap.add_argument("--repeats", type=int, default=2, help="bare + prunectl pairs, run alternately")
+    ap.add_argument("--repeats", type=int, default=2, help="bare/prunectl pairs (odd: bare first, even: prunectl first)")
     ap.add_argument("--warmup-windows", type=int, default=2, help=f"leading windows of {LOG_EVERY} steps to drop")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the temporary runs dir is removed
 
     overrides = [f"train.tokens={args.tokens}", "train.eval_every=0", "train.checkpoint_every=0",
                  f"train.log_every={LOG_EVERY}"]
@@ -150,7 +153,8 @@ def main() -> None:
               f"after the first {args.warmup_windows}", flush=True)
         results: dict[str, list[dict]] = {"bare": [], "prunectl": []}
         for i in range(args.repeats):
-            for side, fn in (("bare", bare), ("prunectl", prunectl_run)):
+            order = (("bare", bare), ("prunectl", prunectl_run))
+            for side, fn in order if i % 2 == 0 else order[::-1]:
                 load = os.getloadavg()[0]
                 res = fn(r, runs)
                 res["tps"] = steady(res["windows"], args.warmup_windows)
@@ -159,14 +163,14 @@ def main() -> None:
                 print(f"  repeat {i + 1} {side:8s} {res['tps']:8.0f} tokens/s  (end-to-end {res['wall']:.1f} s, "
                       f"last-window loss {res['loss']:.4f}, load before {load:.1f})", flush=True)
 
-    b = statistics.median(x["tps"] for x in results["bare"])
-    p = statistics.median(x["tps"] for x in results["prunectl"])
-    ratio = p / b
+    ratios = [x["tps"] / y["tps"] for x, y in zip(results["prunectl"], results["bare"])]
+    ratio = statistics.median(ratios)
     print(f"\n{'':10s}{'tokens/s':>10s}{'end-to-end s':>14s}")
-    for side, tps in (("bare", b), ("prunectl", p)):
-        print(f"{side:10s}{tps:10.0f}{statistics.median(x['wall'] for x in results[side]):14.1f}")
-    per_repeat = ", ".join(f"{x['tps'] / y['tps']:.3f}" for x, y in zip(results["prunectl"], results["bare"]))
-    print(f"ratio     {ratio:10.3f}   target 0.9   {'PASS' if ratio >= 0.9 else 'FAIL'}   (per repeat: {per_repeat})")
+    for side in ("bare", "prunectl"):
+        med = {k: statistics.median(x[k] for x in results[side]) for k in ("tps", "wall")}
+        print(f"{side:10s}{med['tps']:10.0f}{med['wall']:14.1f}")
+    print(f"ratio     {ratio:10.3f}   target 0.9   {'PASS' if ratio >= 0.9 else 'FAIL'}"
+          f"   (median of per-repeat ratios {', '.join(f'{x:.3f}' for x in ratios)})")
 
 
 if __name__ == "__main__":
