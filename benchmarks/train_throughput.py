@@ -10,20 +10,21 @@ What it measures: steady-state training tokens/s (optimizer steps of global_batc
 
 and the ratio prunectl / bare (target >= 0.9).
 
-How: the tiny data is prepared into a temporary runs dir (`prunectl data prepare recipes/tiny/data.yaml`),
-recipes/tiny/parent.yaml is resolved with train.tokens=--tokens, eval_every=0 and checkpoint_every=0
-(one evaluation, at the end, outside the timed windows) and log_every=5. Both sides time windows of
-5 optimizer steps the same way; the first --warmup-windows windows are dropped and a run's
-steady-state rate is the median window (robust to bursts of other load on a shared machine; the
-1-minute load average before each run is printed). prunectl's windows are read from the run's
-metrics.jsonl ("tokens_per_s").
-Both use 2 torch threads (the recipe's launch.cpus_per_task, passed as PRUNECTL_THREADS). Each repeat
-runs both, alternating which goes first (bare, prunectl, prunectl, bare, ...) so slow drifts in
-other load cancel; the table shows the median over repeats and the median of the per-repeat ratios. End-to-end wall time (setup,
-training, final evaluation and save for prunectl; build and loop for bare) is shown for information.
-The last window's loss of both sides is printed as a check that they train the same thing.
+How: the tiny data is prepared into a temporary runs dir (`prunectl data prepare
+recipes/tiny/data.yaml`) and recipes/tiny/parent.yaml is resolved with train.tokens=--tokens,
+eval_every=0, checkpoint_every=0 (so the one evaluation, at the end, and the save fall outside the
+timed windows) and log_every=5. Both sides time windows of 5 optimizer steps the same way;
+prunectl's come from the run's metrics.jsonl ("tokens_per_s"). The first --warmup-windows windows
+are dropped and a run's steady-state rate is its median window, which shrugs off short bursts of
+other load on a shared machine; the CPU other processes used during each run is printed in cores
+(more than ~0.1 spoils a 2-core timing). Both sides use the recipe's launch.cpus_per_task (2)
+torch threads, which prunectl gets as PRUNECTL_THREADS. Repeats alternate which side goes first
+(bare, prunectl, prunectl, bare, ...) so drifts cancel; the table gives the medians over repeats
+and the median of the per-repeat ratios. End-to-end wall time (prunectl: DeepSpeed setup, training,
+final evaluation and save; bare: build and loop) is for information only. The last window's loss of
+both sides is printed to show they train the same thing.
 
-    .venv/bin/python benchmarks/train_throughput.py [--tokens 409600] [--zero-stage 2] [--repeats 2]
+    .venv/bin/python benchmarks/train_throughput.py [--tokens 409600] [--zero-stage 2] [--repeats 4]
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ sys.path.insert(0, str(ROOT))
 from prunectl import recipe as recipes, store  # noqa: E402
 
 LOG_EVERY = 5
+
+
+def cpu_marks() -> tuple[float, float, float]:
+    """(CPU-seconds busy machine-wide, CPU-seconds of this process, wall seconds), to tell other load apart."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    t = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), t.user + t.system, time.monotonic()
 
 
 def steady(windows: list[tuple[int, float]], skip: int) -> float:
@@ -128,7 +137,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=100 * 16 * 256, help="training budget per run (default: 100 steps)")
     ap.add_argument("--zero-stage", type=int, default=None, help="DeepSpeed ZeRO stage (default: the recipe's, 2)")
-    ap.add_argument("--repeats", type=int, default=2, help="bare/prunectl pairs (odd: bare first, even: prunectl first)")
+    ap.add_argument("--repeats", type=int, default=4,
+                    help="bare/prunectl pairs (odd: bare first, even: prunectl first); one pair varies by up to ~9%%")
     ap.add_argument("--warmup-windows", type=int, default=2, help=f"leading windows of {LOG_EVERY} steps to drop")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the temporary runs dir is removed
@@ -155,13 +165,15 @@ def main() -> None:
         for i in range(args.repeats):
             order = (("bare", bare), ("prunectl", prunectl_run))
             for side, fn in order if i % 2 == 0 else order[::-1]:
-                load = os.getloadavg()[0]
+                before = cpu_marks()
                 res = fn(r, runs)
+                busy, own, wall = (b - a for a, b in zip(before, cpu_marks()))
+                res["other"] = (busy - own) / wall
                 res["tps"] = steady(res["windows"], args.warmup_windows)
                 results[side].append(res)
                 gc.collect()
                 print(f"  repeat {i + 1} {side:8s} {res['tps']:8.0f} tokens/s  (end-to-end {res['wall']:.1f} s, "
-                      f"last-window loss {res['loss']:.4f}, load before {load:.1f})", flush=True)
+                      f"last-window loss {res['loss']:.4f}, other load {res['other']:.2f} cores)", flush=True)
 
     ratios = [x["tps"] / y["tps"] for x, y in zip(results["prunectl"], results["bare"])]
     ratio = statistics.median(ratios)
