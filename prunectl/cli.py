@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -126,19 +127,32 @@ def data_prepare(
 # ---------------------------------------------------------------------------- pretrain
 
 
+Profile = Annotated[Optional[str], typer.Option(help="Slurm profile in slurm/profiles (default: the recipe's)")]
+ArrayOpt = Annotated[Optional[str], typer.Option("--array", help="key=v1,v2,...: one run per value, one job array")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and batch script; write nothing")]
+Wait = Annotated[bool, typer.Option("--wait", help="follow a Slurm job until it ends (local and debug always do)")]
+New = Annotated[bool, typer.Option("--new", help="always start a new version instead of resuming an interrupted one")]
+
+
 @app.command()
-def pretrain(
-    recipe: RecipeArg,
-    overrides: Overrides = None,
-    executor: ExecutorOpt = "local",
-    profile: Annotated[Optional[str], typer.Option(help="Slurm profile in slurm/profiles (default: the recipe's)")] = None,
-    runs_dir: RunsDir = None,
-    array: Annotated[Optional[str], typer.Option("--array", help="key=v1,v2,...: one run per value, one job array")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and batch script; write nothing")] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="follow a Slurm job until it ends (local and debug always do)")] = False,
-    new: Annotated[bool, typer.Option("--new", help="always start a new version instead of resuming an interrupted one")] = False,
-) -> None:
+def pretrain(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt = "local", profile: Profile = None,
+             runs_dir: RunsDir = None, array: ArrayOpt = None, dry_run: DryRun = False, wait: Wait = False,
+             new: New = False) -> None:
     """Train a Llama from scratch on the recipe's data ranges with DeepSpeed ZeRO."""
+    _run_stage("pretrain", recipe, overrides, executor, profile, runs_dir, array, dry_run, wait, new)
+
+
+@app.command()
+def prune(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt = "local", profile: Profile = None,
+          runs_dir: RunsDir = None, array: ArrayOpt = None, dry_run: DryRun = False, wait: Wait = False,
+          new: New = False) -> None:
+    """Prune a parent (run or Hugging Face directory) with one of the study's methods; writes model, masks, report."""
+    _run_stage("prune", recipe, overrides, executor, profile, runs_dir, array, dry_run, wait, new)
+
+
+def _run_stage(stage: str, recipe: str, overrides, executor: str, profile, runs_dir, array, dry_run: bool, wait: bool,
+               new: bool) -> None:
+    """resolve -> check inputs -> allocate versions -> submit (one job, or one array) -> follow."""
     from . import launch
 
     if executor not in ("slurm", "local", "debug"):
@@ -151,11 +165,11 @@ def pretrain(
         variants = [[*variants[0], f"{key}={v}"] for v in values.split(",")]
     resolved = [recipes.resolve(recipe, v) for v in variants]
     r = resolved[0]
-    if not isinstance(r, recipes.PretrainRecipe):
-        raise PrunectlError(f"{recipe}: is a {r.stage} recipe; `pretrain` takes a recipe with stage: pretrain")
+    if r.stage != stage:
+        raise PrunectlError(f"{recipe}: is a {r.stage} recipe; `{stage}` takes a recipe with stage: {stage}")
     root = store.runs_root(runs_dir)
     res = launch.resources(r.launch, profile)
-    data_run = _check_inputs(root, r, res)
+    inputs = [_CHECKS[stage](root, each, res) for each in resolved]
 
     if dry_run:
         for each in resolved:
@@ -171,20 +185,20 @@ def pretrain(
         return
 
     runs, fresh = [], []
-    for each in resolved:
+    for each, ins in zip(resolved, inputs):
         run = None if array else _resumable(root, each, new)
         if run is None:
             run = store.allocate(root, each.name)
             fresh.append(run)
             (run.dir / "recipe.yaml").write_text(recipes.dump(each))
-            run.write_manifest(store.Manifest(name=each.name, version=run.version, stage="pretrain",
-                                              inputs={"data": data_run.ref}, executor=executor))
+            run.write_manifest(store.Manifest(name=each.name, version=run.version, stage=stage, inputs=ins,
+                                              executor=executor))
         else:
-            console.print(f"resuming {run.ref} from its newest complete checkpoint")
+            console.print(f"resuming {run.ref}" + (" from its newest complete checkpoint" if stage == "pretrain" else ""))
             run.update(executor=executor, status="pending", finished=None)
         runs.append(run)
     try:
-        jobs = launch.submit(executor, res, r.name, "pretrain", [run.dir for run in runs])
+        jobs = launch.submit(executor, res, r.name, stage, [run.dir for run in runs])
     except Exception as err:  # sbatch refused (bad partition, account, ...): leave no pending run behind
         for run in runs:
             if run in fresh:
@@ -203,7 +217,7 @@ def pretrain(
             raise typer.Exit(1)
 
 
-def _check_inputs(root: Path, r, res) -> store.Run:
+def _check_pretrain(root: Path, r, res) -> dict[str, str]:
     """Everything that would stop the job, found before anything is written; all problems at once."""
     problems = []
     if r.train.global_batch % (r.train.micro_batch * res.world):
@@ -225,7 +239,80 @@ def _check_inputs(root: Path, r, res) -> store.Run:
             problems.append(f"model.vocab: {r.model.vocab} is smaller than the tokenizer's {vocab}")
     if problems:
         raise PrunectlError(*problems)
-    return data_run
+    return {"data": data_run.ref}
+
+
+def _check_prune(root: Path, r, res) -> dict[str, str]:
+    """Parent, data, calibration size and ratio feasibility, checked before anything is written."""
+    from .prune import stage as prune_stage
+    from .prune.surgery import Shape
+
+    problems: list[str] = []
+    inputs: dict[str, str] = {}
+    parent_dir = None
+    try:
+        parent_dir = prune_stage.parent_model_dir(root, r.parent)
+        inputs["parent"] = str(parent_dir.resolve()) if Path(r.parent).expanduser().is_dir() else store.resolve(root, r.parent).ref
+    except PrunectlError as err:
+        problems.append(f"parent: {err.problems[0]}; pretrain it first or point at a Hugging Face model directory")
+    data_ref = r.data
+    if data_ref is None and "parent" in inputs and not Path(r.parent).expanduser().is_dir():
+        data_ref = store.resolve(root, r.parent).manifest().inputs.get("data")
+    if data_ref is None and parent_dir is not None:
+        problems.append("data: required when the parent is not a prunectl run (it names the calibration and held-out data)")
+    meta = {}
+    for key, ref in (("data", data_ref), ("calibration", r.calibration.data)):
+        if ref is None:
+            continue
+        try:
+            run = store.resolve(root, ref)
+            inputs[key] = run.ref
+            meta[key] = json.loads((run.dir / "data.json").read_text())
+        except PrunectlError as err:
+            problems.append(f"{key if key == 'data' else 'calibration.data'}: {err.problems[0]}")
+    calib_key = "calibration" if r.calibration.data else "data"
+    if inputs.get("calibration") == inputs.get("data") and r.calibration.range == r.heldout.range:
+        problems.append(f"calibration.range: '{r.calibration.range}' is the held-out evaluation range; calibrate elsewhere")
+    if "data" in meta and r.heldout.tokens and r.heldout.range not in meta["data"]["ranges"]:
+        problems.append(f"heldout.range: {inputs['data']} has no range {r.heldout.range}")
+    needs_calibration = r.prune.method in prune_stage.CALIBRATED
+    if needs_calibration and calib_key in meta:
+        ranges = meta[calib_key]["ranges"]
+        if r.calibration.range not in ranges:
+            problems.append(f"calibration.range: {inputs[calib_key]} has no range {r.calibration.range} "
+                            f"(it has {', '.join(ranges)})")
+        else:
+            have = ranges[r.calibration.range]["end"] - ranges[r.calibration.range]["start"]
+            need = r.calibration.samples * r.calibration.seq_len
+            if have // r.calibration.seq_len < r.calibration.samples:
+                problems.append(f"calibration.samples: {r.calibration.samples} sequences of {r.calibration.seq_len} "
+                                f"tokens need {need:,} tokens, but range '{r.calibration.range}' of {inputs[calib_key]} "
+                                f"has {have:,}; lower calibration.samples or calibration.seq_len")
+    if parent_dir is not None:
+        config = json.loads((parent_dir / "config.json").read_text())
+        if config.get("model_type") != "llama":
+            problems.append(f"parent: {r.parent} is a {config.get('model_type')} model; prunectl prunes Llama models")
+        else:
+            shape = Shape(layers=config["num_hidden_layers"], hidden=config["hidden_size"],
+                          heads=config["num_attention_heads"], kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+                          head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+                          ffn=config["intermediate_size"], vocab=config["vocab_size"],
+                          tied=bool(config.get("tie_word_embeddings")))
+            for key in meta:
+                vocab = meta[key]["tokenizer"]["vocab_size"]
+                if vocab > shape.vocab:
+                    problems.append(f"{'data' if key == 'data' else 'calibration.data'}: {inputs[key]}'s tokenizer has "
+                                    f"{vocab:,} tokens, more than the parent's vocabulary of {shape.vocab:,}")
+            try:
+                prune_stage.check_feasible(r.prune, shape)
+            except PrunectlError as err:
+                problems.extend(err.problems)
+    if problems:
+        raise PrunectlError(*problems)
+    return inputs
+
+
+_CHECKS = {"pretrain": _check_pretrain, "prune": _check_prune}
 
 
 def _resumable(root: Path, r, new: bool) -> store.Run | None:
@@ -282,9 +369,17 @@ def _follow(run: store.Run, job) -> bool:
                 lines = metrics.read_text().splitlines()
                 last = {k: v for line in lines[-3:] for k, v in json.loads(line).items()}
                 info = "  ".join(f"{k} {last[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s") if last.get(k) is not None)
+                if "phase" in last:
+                    info = f"{last['phase']} ({last['event']})"
                 progress.update(task, total=total, completed=last.get("step", 0), info=info)
             time.sleep(0.5)
     manifest = run.manifest()
+    if manifest and manifest.status == "complete" and manifest.stage == "prune":
+        from .prune.stage import load_report, print_report
+
+        print_report(load_report(run.dir), console)
+        console.print(f"[green]complete[/] {run.ref}; model in {run.final}")
+        return True
     if manifest and manifest.status == "complete":
         summary = manifest.summary
         console.print(f"[green]complete[/] {run.ref}: {summary.get('tokens', 0):,} tokens, held-out loss "
@@ -337,6 +432,9 @@ def status(
 
 
 def main() -> None:
+    # Clusters without accounting (like slurm/local-cluster.sh) make submitit warn on every sacct poll;
+    # prunectl reads job state from squeue and the run's manifest instead.
+    logging.getLogger("submitit").setLevel(logging.ERROR)
     try:
         app(standalone_mode=False)
     except PrunectlError as err:

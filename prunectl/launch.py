@@ -100,6 +100,10 @@ class StageJob:
             from .train import train
 
             return train(Path(self.run_dir))
+        if self.stage == "prune":
+            from .prune.stage import prune
+
+            return prune(Path(self.run_dir))
         raise PrunectlError(f"unknown stage {self.stage}")
 
 

@@ -16,6 +16,8 @@ from .data import DataConfig
 from .errors import PrunectlError
 from .launch import LaunchConfig
 from .model import ModelConfig
+from .prune.calibration import CalibrationConfig
+from .prune.stage import HeldOutConfig, PruneConfig
 from .schema import Strict
 from .train import OptimizerConfig, TrainConfig
 
@@ -73,9 +75,32 @@ class PretrainRecipe(Strict):
         return self
 
 
-Recipe = Annotated[Union[DataRecipe, PretrainRecipe], Field(discriminator="stage")]
+class PruneRecipe(Strict):
+    """`prunectl prune`: a parent (run or Hugging Face directory) pruned by one method to a ratio."""
+
+    name: str
+    stage: Literal["prune"]
+    description: str = ""
+    parent: str = Field(description="name@latest / name@vNNN of a pretrain run, or a local Hugging Face model directory")
+    data: str | None = Field(None, description="prepared data run for calibration and held-out loss; default: the parent's")
+    prune: PruneConfig
+    calibration: CalibrationConfig = CalibrationConfig()
+    heldout: HeldOutConfig = HeldOutConfig()
+    launch: LaunchConfig = LaunchConfig()
+
+    @model_validator(mode="after")
+    def _calibration_never_reads_evaluation_data(self) -> PruneRecipe:
+        if self.calibration.range in ("validation", self.heldout.range) and self.calibration.data is None:
+            raise ValueError(
+                f"calibration.range '{self.calibration.range}' is read by evaluation; calibrate on another range "
+                "(e.g. calibration) or another data run (calibration.data)"
+            )
+        return self
+
+
+Recipe = Annotated[Union[DataRecipe, PretrainRecipe, PruneRecipe], Field(discriminator="stage")]
 _RECIPE = TypeAdapter(Recipe)
-_BY_STAGE: dict[str, type[Strict]] = {"data": DataRecipe, "pretrain": PretrainRecipe}
+_BY_STAGE: dict[str, type[Strict]] = {"data": DataRecipe, "pretrain": PretrainRecipe, "prune": PruneRecipe}
 
 
 def recipes_root() -> Path:

@@ -84,8 +84,15 @@ def deepspeed_config(train: TrainConfig, opt: OptimizerConfig, world: int, bf16:
         "gradient_clipping": opt.grad_clip,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay},
-            "torch_adam": True,  # plain torch AdamW: no fused-op build, same maths on CPU and GPU
+            "params": {
+                "lr": opt.lr,
+                "betas": list(opt.betas),
+                "eps": opt.eps,
+                "weight_decay": opt.weight_decay,
+                # DeepSpeed reads this flag from params only. torch's AdamW keeps its whole state in
+                # the checkpoint (a resumed run ends bit-identical), needs no op build, same maths on CPU and GPU.
+                "torch_adam": True,
+            },
         },
         "zero_optimization": {"stage": train.zero_stage},
         "bf16": {"enabled": bf16},

@@ -1,0 +1,185 @@
+"""The calibration engine: calibration batches, losses, and a layer-by-layer pass with shared statistics.
+
+Sequential methods see each decoder layer alone: its inputs are the *pruned* previous layer's outputs,
+only that layer sits on the accelerator, and Linears that read the same input (q/k/v, gate/up) share
+one accumulation of statistics instead of one each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import Field
+
+from ..errors import PrunectlError
+from ..schema import Strict
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from ..data import TokenStream
+
+
+class CalibrationConfig(Strict):
+    data: str | None = Field(None, description="prepared data run; default: the prune recipe's data")
+    range: str = Field("calibration", description="token range to draw from; never one that evaluation reads")
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(8192, ge=8)
+    micro_batch: int = Field(8, ge=1, description="sequences per forward pass")
+    seed: int = 0
+
+
+def sample(stream: TokenStream, cfg: CalibrationConfig, where: str) -> torch.Tensor:
+    """`samples` disjoint windows of `seq_len` tokens, chosen by seed from the named range."""
+    import torch
+
+    r = stream.range(cfg.range)
+    windows = len(r) // cfg.seq_len
+    if windows < cfg.samples:
+        raise PrunectlError(
+            f"calibration.samples: {cfg.samples} sequences of {cfg.seq_len} tokens need "
+            f"{cfg.samples * cfg.seq_len:,} tokens, but range '{cfg.range}' of {where} has {len(r):,}; "
+            "lower calibration.samples or calibration.seq_len"
+        )
+    pick = np.sort(np.random.default_rng(cfg.seed).permutation(windows)[: cfg.samples])
+    rows = [stream.read(r.start + int(w) * cfg.seq_len, cfg.seq_len).astype(np.int64) for w in pick]
+    return torch.from_numpy(np.stack(rows))
+
+
+def batches(ids: torch.Tensor, micro: int) -> Iterator[torch.Tensor]:
+    for i in range(0, ids.shape[0], micro):
+        yield ids[i : i + micro]
+
+
+def lm_loss(model: LlamaForCausalLM, ids: torch.Tensor, micro: int) -> float:
+    """Mean next-token loss (nats) over every predicted token of `ids`."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for x in batches(ids, micro):
+            x = x.to(device)
+            n = x.numel() - x.shape[0]
+            total += float(model(input_ids=x, labels=x).loss) * n
+            count += n
+    return total / count
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+# Linears grouped by the tensor they read: one hook and one accumulation per group.
+SHARED_INPUTS: dict[str, tuple[str, ...]] = {
+    "self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+LINEARS = tuple(name for group in SHARED_INPUTS.values() for name in group)
+
+
+@dataclass
+class InputStats:
+    """Running statistics of one Linear input X (tokens x features), in float64 where they are summed."""
+
+    gram: bool = False  # X^T X, for SparseGPT's Hessian
+    n: int = 0
+    sum: torch.Tensor | None = None
+    sumsq: torch.Tensor | None = None
+    xtx: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        import torch
+
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        s, sq = x.sum(0, dtype=torch.float64), x.square().sum(0, dtype=torch.float64)
+        self.sum = s if self.sum is None else self.sum + s
+        self.sumsq = sq if self.sumsq is None else self.sumsq + sq
+        if self.gram:
+            g = x.T @ x
+            self.xtx = g if self.xtx is None else self.xtx + g
+        self.n += x.shape[0]
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """||X_:,j||_2 per feature (Wanda, Minitron)."""
+        return self.sumsq.sqrt().float()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.sum / self.n).float()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased per-feature variance (FLAP's fluctuation, eq. 5)."""
+        return ((self.sumsq - self.sum.square() / self.n) / max(1, self.n - 1)).clamp_min(0).float()
+
+
+def collect(layer: torch.nn.Module, run: Callable[[], None], gram: bool = False,
+            shared: bool = True) -> dict[str, InputStats]:
+    """Statistics of every decoder-layer Linear's input while `run()` pushes calibration data through.
+
+    shared=True hooks one Linear per input group (the product path); shared=False hooks each Linear
+    on its own, the straightforward way benchmarks/prune.py compares against.
+    """
+    groups = SHARED_INPUTS if shared else {name: (name,) for name in LINEARS}
+    stats = {lead: InputStats(gram=gram) for lead in groups}
+    handles = [
+        layer.get_submodule(lead).register_forward_pre_hook(lambda _m, args, s=stats[lead]: s.add(args[0].detach()))
+        for lead in groups
+    ]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return {member: stats[lead] for lead, members in groups.items() for member in members}
+
+
+@dataclass
+class Layerwise:
+    """Calibration activations walked through the decoder one layer at a time."""
+
+    model: LlamaForCausalLM
+    ids: torch.Tensor
+    micro: int
+    device: torch.device
+    hidden: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        import torch
+
+        self.model.model.embed_tokens.to(self.device)
+        with torch.inference_mode():
+            self.hidden = [self.model.model.embed_tokens(x.to(self.device)).cpu() for x in batches(self.ids, self.micro)]
+        self.model.model.embed_tokens.to("cpu")
+        positions = torch.arange(self.ids.shape[1], device=self.device)[None]
+        rotary = self.model.model.rotary_emb.to(self.device)
+        with torch.inference_mode():
+            self.position_embeddings = rotary(self.hidden[0][:1].to(self.device), positions)
+        self.positions = positions
+
+    def forward(self, layer: torch.nn.Module, update: bool) -> None:
+        """Push every calibration batch through `layer`; with update=True its outputs become the next inputs."""
+        import torch
+
+        with torch.inference_mode():
+            for i, h in enumerate(self.hidden):
+                # attention_mask=None: SDPA applies the causal mask itself
+                out = layer(h.to(self.device), attention_mask=None, position_ids=self.positions,
+                            position_embeddings=self.position_embeddings)
+                out = out[0] if isinstance(out, tuple) else out
+                if update:
+                    self.hidden[i] = out.cpu()
+
+    def each_layer(self) -> Iterator[tuple[int, torch.nn.Module]]:
+        """Yields (index, layer on the accelerator); after the caller prunes it, feeds its outputs onward."""
+        for i, layer in enumerate(self.model.model.layers):
+            layer.to(self.device)
+            yield i, layer
+            self.forward(layer, update=True)
+            layer.to("cpu")

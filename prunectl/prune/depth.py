@@ -1,0 +1,91 @@
+"""Depth pruning: Minitron-depth (eq. 3, a contiguous block by calibration loss) and ShortGPT (block influence)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import PrunectlError
+from .calibration import batches
+from .surgery import Shape
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaForCausalLM
+
+
+def layers_for_ratio(shape: Shape, ratio: float) -> int:
+    """Layer count whose total parameters come closest to (1 - ratio) of the parent's (at least one)."""
+    target = (1 - ratio) * shape.parameters()
+    if target < shape.with_(layers=0).parameters():
+        floor = 1 - shape.with_(layers=1).parameters() / shape.parameters()
+        raise PrunectlError(
+            f"prune.ratio: {ratio} is infeasible for depth pruning: embeddings alone are "
+            f"{shape.embedding() / shape.parameters():.1%} of the parent; one layer left removes {floor:.1%}"
+        )
+    kept = min(range(1, shape.layers + 1), key=lambda k: abs(shape.with_(layers=k).parameters() - target))
+    if kept == shape.layers:
+        raise PrunectlError(f"prune.ratio: {ratio} removes less than one of {shape.layers} layers; raise it")
+    return kept
+
+
+def _tail_loss(model: LlamaForCausalLM, h: torch.Tensor, x: torch.Tensor, start: int, pos) -> torch.Tensor:
+    """Summed next-token loss of hidden state `h` run through layers[start:] and the head."""
+    import torch.nn.functional as F
+
+    for layer in model.model.layers[start:]:
+        h = layer(h, attention_mask=None, position_ids=pos[0], position_embeddings=pos[1])
+        h = h[0] if isinstance(h, tuple) else h
+    logits = model.lm_head(model.model.norm(h)).float()
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+
+
+def block_losses(model: LlamaForCausalLM, ids: torch.Tensor, micro: int, block: int) -> list[float]:
+    """Calibration loss with layers [i, i+block) replaced by identity, for every start i.
+
+    One prefix pass per batch: the state entering layer i is reused for the candidate that skips
+    [i, i+block), so the cost is one forward per candidate tail rather than per whole model.
+    """
+    import torch
+
+    n_layers = model.config.num_hidden_layers
+    starts = range(0, n_layers - block + 1)
+    sums = [0.0 for _ in starts]
+    count = 0
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for x in batches(ids, micro):
+            x = x.to(device)
+            h = model.model.embed_tokens(x)
+            positions = torch.arange(x.shape[1], device=device)[None]
+            pos = (positions, model.model.rotary_emb(h, positions))
+            for i in starts:
+                sums[i] += float(_tail_loss(model, h, x, i + block, pos))
+                out = model.model.layers[i](h, attention_mask=None, position_ids=positions, position_embeddings=pos[1])
+                h = out[0] if isinstance(out, tuple) else out
+            count += x.numel() - x.shape[0]
+    return [s / count for s in sums]
+
+
+def block_influence(model: LlamaForCausalLM, ids: torch.Tensor, micro: int) -> list[float]:
+    """ShortGPT's BI_i = 1 - E_t cos(h_i,t, h_i+1,t): how much layer i changes its input."""
+    import torch
+    import torch.nn.functional as F
+
+    n_layers = model.config.num_hidden_layers
+    sums = torch.zeros(n_layers, dtype=torch.float64)
+    count = 0
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for x in batches(ids, micro):
+            states = model(input_ids=x.to(device), output_hidden_states=True).hidden_states
+            # hidden_states[i] enters layer i; the last entry is after the final norm, so stop before it
+            for i in range(n_layers - 1):
+                sums[i] += (1 - F.cosine_similarity(states[i].float(), states[i + 1].float(), dim=-1)).sum().double().cpu()
+            last = model.model.layers[-1]
+            pos = torch.arange(x.shape[1], device=device)[None]
+            out = last(states[n_layers - 1], attention_mask=None, position_ids=pos,
+                       position_embeddings=model.model.rotary_emb(states[n_layers - 1], pos))
+            out = out[0] if isinstance(out, tuple) else out
+            sums[-1] += (1 - F.cosine_similarity(states[n_layers - 1].float(), out.float(), dim=-1)).sum().double().cpu()
+            count += x.numel()
+    return (sums / count).tolist()

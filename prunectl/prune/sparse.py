@@ -1,0 +1,140 @@
+"""Sparse methods: magnitude, Wanda (eq. 7) and SparseGPT (eq. 8), unstructured or N:M.
+
+Every decoder Linear loses the same fraction of its weights; the shape stays and the zeros are recorded
+as boolean keep-masks (True = weight kept) that retraining holds fixed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from ..errors import PrunectlError
+from ..schema import Strict
+
+if TYPE_CHECKING:
+    import torch
+
+
+class SparseGPTConfig(Strict):
+    block_size: int = Field(128, ge=1, description="columns pruned and compensated together")
+    dampening: float = Field(0.01, gt=0, description="added to the Hessian diagonal, as a fraction of its mean")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """'unstructured' -> None, 'N:M' -> (N, M) with 0 < N < M."""
+    if pattern == "unstructured":
+        return None
+    n, _, m = pattern.partition(":")
+    if not (n.isdigit() and m.isdigit()) or not 0 < int(n) < int(m):
+        raise ValueError(f"'{pattern}' is not 'unstructured' or N:M with 0 < N < M (e.g. 2:4)")
+    return int(n), int(m)
+
+
+def keep_top_per_row(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep-mask with exactly round(ratio * cols) lowest-scoring weights removed from every row."""
+    import torch
+
+    cols = score.shape[1]
+    drop = int(round(ratio * cols))
+    mask = torch.ones_like(score, dtype=torch.bool)
+    if drop:
+        mask.scatter_(1, torch.topk(score, drop, dim=1, largest=False).indices, False)
+    return mask
+
+
+def keep_top_per_matrix(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep-mask with exactly round(ratio * numel) lowest-scoring weights removed from the matrix."""
+    import torch
+
+    drop = int(round(ratio * score.numel()))
+    mask = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    if drop:
+        mask[torch.topk(score.flatten(), drop, largest=False).indices] = False
+    return mask.view_as(score)
+
+
+def keep_n_of_m(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask with the n best of every m consecutive inputs of each row, in one vectorised top-k."""
+    import torch
+
+    rows, cols = score.shape
+    if cols % m:
+        raise PrunectlError(f"N:M sparsity {n}:{m} needs input widths divisible by {m}; a Linear has {cols}")
+    groups = score.reshape(rows, cols // m, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
+    return mask.reshape(rows, cols)
+
+
+def magnitude_mask(weight: torch.Tensor, ratio: float, nm: tuple[int, int] | None) -> torch.Tensor:
+    score = weight.abs()
+    return keep_n_of_m(score, *nm) if nm else keep_top_per_matrix(score, ratio)
+
+
+def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, ratio: float, nm: tuple[int, int] | None) -> torch.Tensor:
+    """|W_ij| * ||X_j||, compared within each output row."""
+    score = weight.abs() * input_norm[None, :].to(weight.dtype)
+    return keep_n_of_m(score, *nm) if nm else keep_top_per_row(score, ratio)
+
+
+def sparsegpt_(weight: torch.Tensor, xtx: torch.Tensor, samples: int, ratio: float, nm: tuple[int, int] | None,
+               cfg: SparseGPTConfig, name: str) -> torch.Tensor:
+    """Prune `weight` in place by OBS reconstruction (eq. 8); returns the keep-mask.
+
+    Columns are processed in blocks; within a block each pruned weight's error is pushed onto the
+    not-yet-processed columns through the inverse Hessian's Cholesky factor. Unstructured masks are
+    chosen per block by w^2 / [H^-1]_jj^2 with counts that add up to exactly ratio * numel per Linear.
+    """
+    import torch
+
+    w = weight.data.float().clone()
+    rows, cols = w.shape
+    h = (2.0 / samples) * xtx.to(device=w.device, dtype=torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += cfg.dampening * torch.mean(torch.diag(h)) * torch.eye(cols, device=w.device)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise PrunectlError(
+            f"sparsegpt: the Hessian of {name} is not positive definite with dampening {cfg.dampening}; "
+            "raise prune.sparsegpt.dampening (e.g. 0.05) or calibration.samples"
+        ) from None
+    if nm and cfg.block_size % nm[1]:
+        raise PrunectlError(f"prune.sparsegpt.block_size: {cfg.block_size} must be a multiple of M={nm[1]}")
+
+    keep = torch.ones_like(w, dtype=torch.bool)
+    dropped_so_far = 0
+    for i1 in range(0, cols, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, cols)
+        count = i2 - i1
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        d = torch.diag(hinv1)
+        if nm is None:
+            # cumulative rounding: block counts add up to exactly round(ratio * rows * cols)
+            target = int(round(ratio * rows * i2)) - dropped_so_far
+            keep1 = keep_top_per_matrix(w1.square() / d[None, :].square(), target / w1.numel())
+            dropped_so_far += target
+        else:
+            keep1 = torch.ones_like(w1, dtype=torch.bool)
+        for i in range(count):
+            col = w1[:, i]
+            if nm is not None and i % nm[1] == 0:
+                group = w1[:, i : i + nm[1]].square() / d[None, i : i + nm[1]].square()
+                keep1[:, i : i + nm[1]] = keep_n_of_m(group, *nm)
+            q = col * keep1[:, i]
+            q1[:, i] = q
+            e = (col - q) / d[i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i1:i2] = q1
+        keep[:, i1:i2] = keep1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    weight.data.copy_((w * keep).to(weight.dtype))
+    return keep

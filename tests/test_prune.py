@@ -1,0 +1,159 @@
+"""`prunectl prune` end to end on a small parent trained inside the test session."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from .conftest import REPO, prunectl
+
+PARENT = """
+name: test-prune-parent
+stage: pretrain
+data: test-data@latest
+model: {layers: 4, hidden: 64, heads: 4, kv_heads: 2, ffn: 192, max_position: 256, tie_embeddings: true}
+optimizer: {lr: 3.0e-3}
+train:
+  tokens: 262144
+  data_ranges: [pretrain]
+  seq_len: 64
+  global_batch: 16
+  micro_batch: 16
+  zero_stage: 0
+  checkpoint_every: 0
+  eval_every: 0
+  eval_tokens: 16384
+  log_every: 16
+launch: {tasks_per_node: 1, cpus_per_task: 2, time_min: 15}
+"""
+
+COMMON = """
+stage: prune
+parent: test-prune-parent@latest
+calibration: {range: calibration, samples: 32, seq_len: 64, micro_batch: 16}
+heldout: {range: validation, tokens: 32768, seq_len: 64}
+launch: {tasks_per_node: 1, cpus_per_task: 2, time_min: 15}
+"""
+
+CONFIGS = {
+    "depth": {"method": "minitron-depth", "ratio": 0.5},
+    "shortgpt": {"method": "shortgpt", "ratio": 0.5},
+    "width": {"method": "minitron-width", "ratio": 0.5, "search": {"candidates": 3, "quantum": 4}},
+    "flap": {"method": "flap", "ratio": 0.5},
+    "wanda": {"method": "wanda", "ratio": 0.5},
+    "wanda-24": {"method": "wanda", "pattern": "2:4"},
+    "sparsegpt": {"method": "sparsegpt", "ratio": 0.5},
+    "sparsegpt-24": {"method": "sparsegpt", "pattern": "2:4"},
+    "magnitude": {"method": "magnitude", "ratio": 0.5},
+    "magnitude-24": {"method": "magnitude", "pattern": "2:4"},
+}
+
+
+@pytest.fixture(scope="session")
+def pruned(workspace) -> dict:
+    """The parent, then every method's run, and what a fresh process loads from each final/."""
+    recipes, runs, env = workspace["recipes"], workspace["runs"], workspace["env"]
+    (recipes / "prune-parent.yaml").write_text(textwrap.dedent(PARENT))
+    prunectl("pretrain", "test-prune-parent", "--executor", "local", env=env)
+    (recipes / "_prune.yaml").write_text(textwrap.dedent(COMMON))
+    for key, cfg in CONFIGS.items():
+        (recipes / f"prune-{key}.yaml").write_text(
+            f"extends: _prune.yaml\nname: test-prune-{key}\nprune: {json.dumps(cfg)}\n")
+        prunectl("prune", f"test-prune-{key}", "--executor", "local", env=env)
+    reports = {key: json.loads((runs / f"test-prune-{key}" / "v001" / "report.json").read_text()) for key in CONFIGS}
+    finals = {key: str(runs / f"test-prune-{key}" / "v001" / "final") for key in CONFIGS}
+    script = textwrap.dedent("""
+        import json, sys, torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        out = {}
+        for key, path in json.loads(sys.argv[1]).items():
+            model = AutoModelForCausalLM.from_pretrained(path)
+            seen, total = set(), 0
+            for p in model.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p)); total += p.numel()
+            state = model.state_dict()
+            info = {"total": total, "layers": model.config.num_hidden_layers}
+            try:
+                masks = load_file(path + "/masks.safetensors")
+            except FileNotFoundError:
+                masks = {}
+            if masks:
+                w = {k: state[k] for k in masks}
+                info["zeros_match_masks"] = all(torch.equal(w[k] != 0, masks[k] & (w[k] != 0)) and
+                                                not w[k][~masks[k]].any() for k in masks)
+                info["row_sparsity"] = sorted({round(1 - float(m.float().mean(1).min()), 6) for m in masks.values()} |
+                                              {round(1 - float(m.float().mean(1).max()), 6) for m in masks.values()})
+                info["layer_sparsity"] = sorted({round(1 - float(m.float().mean()), 6) for m in masks.values()})
+                info["max_nonzero_per_4"] = max(int((w[k] != 0).reshape(w[k].shape[0], -1, 4).sum(-1).max()) for k in w)
+            out[key] = info
+        print(json.dumps(out))
+    """)
+    loaded = subprocess.run([sys.executable, "-c", script, json.dumps(finals)], capture_output=True, text=True,
+                            cwd=REPO, check=True).stdout
+    return {"reports": reports, "loaded": json.loads(loaded.strip().splitlines()[-1])}
+
+
+def test_every_method_leaves_a_complete_run_that_loads_with_the_reported_size(pruned):
+    for key, report in pruned["reports"].items():
+        assert pruned["loaded"][key]["total"] == report["parameters"]["after"]["total"], key
+        assert report["phases"] and all(p["seconds"] >= 0 and p["peak_memory_mb"] > 0 for p in report["phases"])
+        assert report["calibration_loss"]["after"] is not None or key.startswith("magnitude")
+    depth = pruned["reports"]["depth"]
+    assert pruned["loaded"]["depth"]["layers"] == depth["architecture"]["after"]["layers"] < 4
+    assert depth["calibration"]["range"] == "calibration" and depth["calibration"]["tokens"] == 32 * 64
+
+
+def test_sparse_outputs_have_exactly_the_requested_sparsity(pruned):
+    loaded = pruned["loaded"]
+    for key in ("wanda", "sparsegpt", "magnitude", "wanda-24", "sparsegpt-24", "magnitude-24"):
+        assert loaded[key]["zeros_match_masks"], key
+        assert pruned["reports"][key]["achieved_ratio"] == pytest.approx(0.5, abs=1e-9), key
+    assert loaded["wanda"]["row_sparsity"] == [0.5]  # every row of every Linear
+    assert loaded["sparsegpt"]["layer_sparsity"] == [0.5]  # every Linear
+    for key in ("wanda-24", "sparsegpt-24", "magnitude-24"):
+        assert loaded[key]["max_nonzero_per_4"] <= 2, key
+
+
+def test_quality_ordering_after_pruning(pruned):
+    ppl = {key: r["heldout"]["perplexity_after"] for key, r in pruned["reports"].items()}
+    assert ppl["sparsegpt"] < ppl["magnitude"]
+    assert ppl["wanda"] < ppl["magnitude"]
+    assert ppl["sparsegpt"] < ppl["sparsegpt-24"]
+    assert ppl["wanda"] < ppl["wanda-24"]
+
+
+def test_architecture_search_picks_the_best_candidate_it_tried(pruned):
+    for key in ("width", "flap", "depth"):
+        candidates = pruned["reports"][key]["candidates"]
+        assert len(candidates) >= 2, key
+        chosen = [c for c in candidates if c["selected"]]
+        assert len(chosen) == 1 and chosen[0]["calibration_loss"] == min(c["calibration_loss"] for c in candidates)
+    after = pruned["reports"]["width"]["architecture"]["after"]
+    assert 2 * after["hidden"] <= after["ffn"] <= 4 * after["hidden"]
+    assert pruned["reports"]["flap"]["architecture"]["after"]["hidden"] == 64
+
+
+@pytest.mark.parametrize("override, message", [
+    ("prune.method=obs", "prune.method"),
+    ("prune.ratio=1.5", "prune.ratio"),
+    ("prune.ratio=0.99", "infeasible"),
+    ("parent=nobody@latest", "parent: nobody@latest"),
+    ("calibration.samples=100000", "calibration.samples"),
+    ("calibration.range=validation", "calibration"),
+    ("prune.pattern=3:8", "pattern"),
+])
+def test_bad_prune_recipes_fail_in_one_line_and_write_nothing(pruned, workspace, override, message):
+    runs, env = workspace["runs"], workspace["env"]
+    before = sorted(p.name for p in runs.iterdir())
+    out = prunectl("prune", "test-prune-depth", override, "--executor", "local", env=env, check=False)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.stderr
+    assert sorted(p.name for p in runs.iterdir()) == before
+    assert not (runs / "test-prune-depth" / "v002").exists()

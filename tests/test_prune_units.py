@@ -1,0 +1,131 @@
+"""Pruning building blocks in-process on small random Llamas: masks, surgery, the layer-wise engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prunectl.errors import PrunectlError
+from prunectl.prune import calibration as calib
+from prunectl.prune import sparse
+from prunectl.prune.surgery import Shape, cut
+
+
+def _model(layers=3, hidden=64, heads=4, kv=2, ffn=128, tied=True, seed=0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64,
+                         tie_word_embeddings=tied, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+def _ids(n=8, t=32, seed=1):
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_shape_counts_parameters_exactly(tied):
+    m = _model(tied=tied)
+    assert Shape.of(m).parameters() == sum(p.numel() for p in m.parameters())
+    biased = cut(m, biases=True)
+    assert Shape.of(biased).parameters() == sum(p.numel() for p in biased.parameters())
+
+
+def test_cut_keeping_everything_is_the_same_function():
+    m, x = _model(), _ids()
+    same = cut(m, layers=[0, 1, 2], hidden=torch.arange(64), kv_groups=[torch.arange(2)] * 3,
+               ffn=[torch.arange(128)] * 3)
+    with torch.no_grad():
+        assert torch.allclose(m(x).logits, same(x).logits, atol=1e-5)
+
+
+def test_cut_drops_kv_groups_with_their_query_heads():
+    m = _model(heads=8, kv=2)
+    small = cut(m, kv_groups=[torch.tensor([1])] * 3, ffn=[torch.arange(0, 128, 2)] * 3)
+    c = small.config
+    assert (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (4, 1, 64)
+    # query heads 4..7 belong to KV group 1: their rows of q_proj survive, in order
+    q = m.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(small.model.layers[0].self_attn.q_proj.weight, q[4 * 8 : 8 * 8])
+    assert torch.equal(small.model.layers[0].self_attn.k_proj.weight, m.model.layers[0].self_attn.k_proj.weight[8:16])
+    small(_ids())  # runs: GQA shapes are consistent
+
+
+def test_layerwise_pass_matches_the_full_model():
+    m, x = _model(), _ids()
+    walk = calib.Layerwise(m, x, micro=3, device=torch.device("cpu"))
+    for _ in walk.each_layer():
+        pass
+    with torch.no_grad():
+        logits = m.lm_head(m.model.norm(torch.cat(walk.hidden)))
+        assert torch.allclose(logits, m(x).logits, atol=1e-4)
+
+
+def test_shared_inputs_give_the_same_statistics_as_one_hook_per_linear():
+    m, x = _model(), _ids()
+    layer = m.model.layers[0]
+    h = m.model.embed_tokens(x)
+    pos = torch.arange(x.shape[1])[None]
+    pe = m.model.rotary_emb(h, pos)
+
+    def run():
+        with torch.no_grad():
+            layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+
+    shared = calib.collect(layer, run, gram=True, shared=True)
+    single = calib.collect(layer, run, gram=True, shared=False)
+    for name in calib.LINEARS:
+        assert torch.allclose(shared[name].xtx, single[name].xtx) and shared[name].n == single[name].n
+    assert shared["self_attn.q_proj"] is shared["self_attn.v_proj"]  # one accumulation for q, k and v
+
+
+def test_n_of_m_keeps_exactly_n_per_group_and_matches_a_loop():
+    score = torch.randn(16, 64).abs()
+    keep = sparse.keep_n_of_m(score, 2, 4)
+    assert (keep.view(16, 16, 4).sum(-1) == 2).all()
+    for r in range(16):
+        for g in range(16):
+            best = set(torch.topk(score[r, 4 * g : 4 * g + 4], 2).indices.tolist())
+            assert set(torch.nonzero(keep[r, 4 * g : 4 * g + 4]).flatten().tolist()) == best
+
+
+def test_wanda_is_exact_per_row_and_uses_input_norms():
+    w = torch.randn(8, 32)
+    norm = torch.ones(32)
+    norm[:4] = 100.0  # the first inputs carry large activations: Wanda keeps their weights
+    keep = sparse.wanda_mask(w, norm, 0.5, None)
+    assert (keep.sum(1) == 16).all()
+    assert keep[:, :4].all()
+
+
+def test_sparsegpt_is_exact_per_layer_and_reconstructs_better_than_magnitude():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 96) * torch.linspace(0.1, 3, 96)  # uneven input scales, as in a real layer
+    lin = torch.nn.Linear(96, 48, bias=False)
+    w0 = lin.weight.data.clone()
+    keep = sparse.sparsegpt_(lin.weight, x.T @ x, x.shape[0], 0.5, None, sparse.SparseGPTConfig(), "t")
+    assert int((~keep).sum()) == w0.numel() // 2 and torch.equal(lin.weight == 0, ~keep | (w0 == 0))
+    mag = w0 * sparse.magnitude_mask(w0, 0.5, None)
+    err = lambda w: float((x @ w0.T - x @ w.T).square().mean())  # noqa: E731
+    assert err(lin.weight.data) < 0.5 * err(mag)
+    # several blocks (cumulative per-block counts): still exactly half of the layer
+    blocked = torch.nn.Linear(96, 48, bias=False)
+    keep = sparse.sparsegpt_(blocked.weight, x.T @ x, x.shape[0], 0.37, None, sparse.SparseGPTConfig(block_size=32), "t")
+    assert int((~keep).sum()) == round(0.37 * w0.numel())
+
+    lin2 = torch.nn.Linear(96, 48, bias=False)
+    keep = sparse.sparsegpt_(lin2.weight, x.T @ x, x.shape[0], 0.5, (2, 4), sparse.SparseGPTConfig(), "t")
+    assert (keep.view(48, 24, 4).sum(-1) == 2).all() and ((lin2.weight != 0).view(48, 24, 4).sum(-1) <= 2).all()
+
+
+def test_sparsegpt_failed_cholesky_is_an_error_not_a_fallback():
+    lin = torch.nn.Linear(8, 4, bias=False)
+    with pytest.raises(PrunectlError, match="dampening"):
+        sparse.sparsegpt_(lin.weight, -torch.eye(8) * 5, 1, 0.5, None, sparse.SparseGPTConfig(dampening=0.01), "x")
+
+
+def test_patterns():
+    assert sparse.parse_pattern("unstructured") is None and sparse.parse_pattern("4:8") == (4, 8)
+    with pytest.raises(ValueError):
+        sparse.parse_pattern("4:2")
