@@ -84,6 +84,7 @@ class PruneRecipe(Strict):
     parent: str = Field(description="name@latest / name@vNNN of a pretrain run, or a local Hugging Face model directory")
     data: str | None = Field(None, description="prepared data run for calibration and held-out loss; default: the parent's")
     prune: PruneConfig
+    optimizer: OptimizerConfig = Field(OptimizerConfig(), description="sheared-llama: the weights' optimizer while masks are learned")
     calibration: CalibrationConfig = CalibrationConfig()
     heldout: HeldOutConfig = HeldOutConfig()
     launch: LaunchConfig = LaunchConfig()

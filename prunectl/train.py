@@ -1,4 +1,4 @@
-"""The one training loop (pretrain now, retrain later): DeepSpeed ZeRO, exact token budget, resume, preemption.
+"""The one training loop (pretraining, Sheared-LLaMA mask learning, retraining): DeepSpeed ZeRO, exact token budget, resume, preemption.
 
 Every rank runs `train(run_dir)`. The data order is a pure function of (seed, ranges, budget,
 step), and checkpoints carry the step, so a resumed run continues on exactly the sequences the
@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,8 +157,78 @@ def _latest_checkpoint(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+class Objective:
+    """What one training run optimises. Pretraining: next-token loss of a freshly initialised Llama.
+
+    Other stages (Sheared-LLaMA mask learning, retraining) subclass it and reuse the loop unchanged.
+    """
+
+    def __init__(self, model_config=None) -> None:
+        self.model_config = model_config
+
+    def build(self, tokenizer, vocab_size: int, seed: int):
+        from . import model as models
+
+        hf_config = models.llama_config(
+            self.model_config, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
+        return models.build(hf_config, seed)
+
+    def parameters(self, module) -> Any:
+        return module.parameters()
+
+    def loss(self, engine, x, step: int):
+        """(loss to minimise, LM loss reported as `loss`)."""
+        loss = engine(input_ids=x, labels=x).loss
+        return loss, loss
+
+    def metrics(self, module) -> dict[str, Any]:
+        return {}
+
+    def language_model(self, module):
+        """The LlamaForCausalLM inside `module`, for held-out loss and saving."""
+        return module
+
+
 def train(run_dir: Path) -> dict[str, Any]:
-    """Run (or resume) the training described by run_dir/recipe.yaml; returns the summary."""
+    """Run (or resume) the pretraining described by run_dir/recipe.yaml; returns the summary."""
+    from . import model as models
+    from . import store
+    from .recipe import PretrainRecipe
+
+    run_dir = Path(run_dir)
+    recipe = PretrainRecipe.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+    run = store.Run(run_dir.parent.parent, run_dir.parent.name, int(run_dir.name[1:]))
+    result = fit(run, recipe.train, recipe.optimizer, Objective(recipe.model), run.manifest().inputs["data"])
+    summary: dict[str, Any] = {}
+    if result.rank == 0:
+        staging = run_dir / "final.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        models.save(result.module, result.state, result.tokenizer, staging)
+        store.publish_dir(staging, run.final)
+        summary = {**run.manifest().summary, **result.summary}
+        store.mark_complete(run, summary=summary, note=None)
+    result.barrier()
+    return summary
+
+
+@dataclass
+class Fitted:
+    """What fit() hands back to its stage: the trained module (rank 0 holds a full state dict)."""
+
+    rank: int
+    module: Any
+    state: dict[str, Any] | None
+    tokenizer: Any
+    summary: dict[str, Any]
+    barrier: Any
+
+
+def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_ref: str,
+        workdir: Path | None = None) -> Fitted:
+    """The loop every training stage shares: resume, exact token budget, checkpoints, preemption.
+
+    Checkpoints and metrics.jsonl go to `workdir` (default: the run directory)."""
     from . import launch
 
     env = launch.init_distributed()
@@ -169,18 +240,15 @@ def train(run_dir: Path) -> dict[str, Any]:
     from . import model as models
     from . import store
     from .data import SequencePlan, TokenStream, batch, validation_starts
-    from .recipe import PretrainRecipe
 
-    run_dir = Path(run_dir)
-    run = store.Run(run_dir.parent.parent, run_dir.parent.name, int(run_dir.name[1:]))
-    recipe = PretrainRecipe.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+    run_dir = Path(workdir or run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     manifest = run.manifest()
-    cfg, opt = recipe.train, recipe.optimizer
     stop = StopRequest()
     try:
-        data_run = store.resolve(run.root, manifest.inputs["data"])
+        data_run = store.resolve(run.root, data_ref)
         stream = TokenStream(data_run.dir)
-        tokenizer = AutoTokenizer.from_pretrained(data_run.dir / "tokenizer")
+        tokenizer = getattr(objective, "tokenizer", None) or AutoTokenizer.from_pretrained(data_run.dir / "tokenizer")
 
         device = env.device
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -189,15 +257,12 @@ def train(run_dir: Path) -> dict[str, Any]:
         plan = SequencePlan([stream.range(r) for r in cfg.data_ranges], cfg.seq_len, total_steps * cfg.global_batch, cfg.seed)
         val_starts = validation_starts(stream, cfg.eval_range, cfg.seq_len, cfg.eval_tokens)
 
-        hf_config = models.llama_config(
-            recipe.model, stream.vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-        )
-        net = models.build(hf_config, cfg.seed)
-        counts = models.parameter_counts(net)
+        net = objective.build(tokenizer, stream.vocab_size, cfg.seed)
+        counts = models.parameter_counts(objective.language_model(net))
         ds_config = deepspeed_config(cfg, opt, env.world, use_bf16)
         engine, _, _, scheduler = deepspeed.initialize(
             model=net,
-            model_parameters=net.parameters(),
+            model_parameters=objective.parameters(net),
             config=ds_config,
             lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, total_steps, opt)),
         )
@@ -246,7 +311,7 @@ def train(run_dir: Path) -> dict[str, Any]:
             with torch.no_grad():
                 for i in range(0, len(mine), cfg.micro_batch):
                     x = torch.from_numpy(batch(stream, mine[i : i + cfg.micro_batch], cfg.seq_len)).to(device)
-                    loss = engine(input_ids=x, labels=x).loss.double()
+                    loss = objective.language_model(engine.module)(input_ids=x, labels=x).loss.double()
                     n = x.shape[0] * (cfg.seq_len - 1)
                     total += torch.stack([loss * n, torch.tensor(float(n), dtype=torch.float64, device=device)])
             if env.world > 1:
@@ -278,10 +343,10 @@ def train(run_dir: Path) -> dict[str, Any]:
             for m in range(micro_steps):
                 x = torch.from_numpy(batch(stream, starts[m * cfg.micro_batch : (m + 1) * cfg.micro_batch], cfg.seq_len))
                 x = x.to(device, non_blocking=True)
-                loss = engine(input_ids=x, labels=x).loss
+                loss, lm_loss = objective.loss(engine, x, step)
                 engine.backward(loss)
                 engine.step()
-                step_loss += loss.item() / micro_steps
+                step_loss += lm_loss.item() / micro_steps
             step += 1
             window_loss += step_loss
             window_steps += 1
@@ -301,6 +366,7 @@ def train(run_dir: Path) -> dict[str, Any]:
                         "lr": float(scheduler.get_last_lr()[0]),
                         "grad_norm": float(grad_norm) if grad_norm is not None else None,
                         "tokens_per_s": window_steps * tokens_per_step / elapsed,
+                        **objective.metrics(engine.module),
                     })
                 window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
@@ -316,24 +382,17 @@ def train(run_dir: Path) -> dict[str, Any]:
                 _leave_for_requeue(run, env, step, stop.signum)
 
         state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else None
-        summary: dict[str, Any] = {}
         if env.rank == 0:
             reporter.close()
-            staging = run_dir / "final.partial"
-            shutil.rmtree(staging, ignore_errors=True)
-            module = engine.module
-            models.save(module, state if state is not None else {k: v.detach().cpu() for k, v in module.state_dict().items()}, tokenizer, staging)
-            store.publish_dir(staging, run.final)
-            summary = {
-                **run.manifest().summary,
-                "tokens": step * tokens_per_step,
-                "final_val_loss": val_loss,
-                "unigram_entropy_nats": stream.meta["unigram_entropy_nats"],
-            }
-            store.mark_complete(run, summary=summary, note=None)
-        if env.world > 1:
-            dist.barrier()
-        return summary
+            if state is None:
+                state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+        summary = {
+            "tokens": step * tokens_per_step,
+            "final_val_loss": val_loss,
+            "unigram_entropy_nats": stream.meta["unigram_entropy_nats"],
+        }
+        barrier = (lambda: dist.barrier()) if env.world > 1 else (lambda: None)
+        return Fitted(env.rank, engine.module, state if env.rank == 0 else None, tokenizer, summary, barrier)
     except SystemExit:
         raise
     except BaseException as err:

@@ -19,14 +19,16 @@ from pydantic import Field, model_validator
 from ..errors import PrunectlError
 from ..schema import Strict
 from .calibration import CalibrationConfig
+from .sheared import ShearedConfig
 from .sparse import SparseGPTConfig, parse_pattern
 
 if TYPE_CHECKING:
     import torch
 
-Method = Literal["minitron-depth", "shortgpt", "minitron-width", "flap", "wanda", "sparsegpt", "magnitude"]
+Method = Literal["minitron-depth", "shortgpt", "minitron-width", "flap", "sheared-llama", "wanda", "sparsegpt",
+                 "magnitude"]
 SPARSE = ("wanda", "sparsegpt", "magnitude")
-CALIBRATED = ("minitron-depth", "shortgpt", "minitron-width", "flap", "wanda", "sparsegpt")
+CALIBRATED = ("minitron-depth", "shortgpt", "minitron-width", "flap", "sheared-llama", "wanda", "sparsegpt")
 
 
 class SearchConfig(Strict):
@@ -42,6 +44,7 @@ class PruneConfig(Strict):
     pattern: str = Field("unstructured", description="sparse methods: unstructured or N:M such as 2:4")
     search: SearchConfig = SearchConfig()
     sparsegpt: SparseGPTConfig = SparseGPTConfig()
+    sheared: ShearedConfig | None = Field(None, description="sheared-llama: mask-learning budget and targets")
 
     @model_validator(mode="before")
     @classmethod
@@ -63,6 +66,8 @@ class PruneConfig(Strict):
         if nm and self.ratio is not None and not math.isclose(self.ratio, 1 - nm[0] / nm[1]):
             raise ValueError(f"ratio {self.ratio} contradicts pattern {self.pattern}, which removes "
                              f"{1 - nm[0] / nm[1]:g}; drop ratio")
+        if self.method == "sheared-llama" and self.sheared is None:
+            raise ValueError("sheared-llama needs prune.sheared with at least train: {tokens: ...}")
         if self.ratio is None:
             raise ValueError("ratio is required (the fraction of parameters to remove, e.g. 0.5)")
         return self
@@ -144,9 +149,11 @@ def prune(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run = store.Run(run_dir.parent.parent, run_dir.parent.name, int(run_dir.name[1:]))
     recipe = PruneRecipe.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+    manifest = run.manifest()
+    if recipe.prune.method == "sheared-llama":
+        _learn_masks(run, recipe, manifest.inputs)  # every rank: DeepSpeed training, resumable
     if env.rank != 0:
         return {}
-    manifest = run.manifest()
     job_ids = [*manifest.job_ids, *([env.job_id] if env.job_id and env.job_id not in manifest.job_ids else [])]
     run.update(status="running", started=store.now(), job_ids=job_ids, pid=os.getpid(), host=os.uname().nodename)
     try:
@@ -211,6 +218,8 @@ def _prune(run, recipe, inputs: dict[str, str], device) -> dict[str, Any]:
         pruned, masks = _sparse(parent, ids, cfg, micro, device, meter)
     elif cfg.method in ("minitron-depth", "shortgpt"):
         pruned = _depth(parent, ids, cfg, micro, shape, meter, report)
+    elif cfg.method == "sheared-llama":
+        pruned = _sheared_choice(run, ids, micro, device, meter, report)
     else:
         pruned = _width(parent, ids, cfg, micro, device, shape, meter, report)
 
@@ -268,6 +277,10 @@ def check_feasible(cfg: PruneConfig, shape) -> None:
         width.minitron_candidates(shape, cfg.ratio, cfg.search.quantum, cfg.search.candidates)
     elif cfg.method == "flap":
         width.flap_candidates(shape, cfg.ratio, cfg.search.quantum, cfg.search.candidates)
+    elif cfg.method == "sheared-llama":
+        from . import sheared
+
+        sheared.candidates(shape, cfg.ratio, cfg.sheared.targets, cfg.search.quantum, cfg.search.candidates)
 
 
 def parent_model_dir(root: Path, parent: str) -> Path:
@@ -342,6 +355,73 @@ def _depth(model, ids, cfg: PruneConfig, micro: int, shape, meter: Meter, report
     report["removed_layers"] = removed
     with meter.phase("cut"):
         return cut(model, layers=[i for i in range(shape.layers) if i not in removed])
+
+
+def _candidate_dirs(run, recipe, shape) -> list[tuple[Path, Any]]:
+    from . import sheared
+
+    cfg = recipe.prune
+    targets = sheared.candidates(shape, cfg.ratio, cfg.sheared.targets, cfg.search.quantum, cfg.search.candidates)
+    return [(run.dir / "sheared" / f"candidate{k}", t) for k, t in enumerate(targets)]
+
+
+def _learn_masks(run, recipe, inputs: dict[str, str]) -> None:
+    """Learn masks for every target shape (Table 7); each candidate's dense cut lands in its own folder.
+
+    A finished candidate (its dense/ folder exists) is skipped, so a rerun resumes where it stopped."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..train import fit
+    from . import sheared
+    from .surgery import Shape
+
+    parent_dir = parent_model_dir(run.root, inputs["parent"])
+    with torch.device("meta"):
+        shape = Shape.of(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(parent_dir)))
+    cfg = recipe.prune.sheared
+    for folder, target in _candidate_dirs(run, recipe, shape):
+        if (folder / "dense").exists():
+            continue
+        objective = sheared.MaskObjective(parent_dir, target, cfg)
+        result = fit(run, cfg.train, recipe.optimizer, objective, inputs["data"], workdir=folder)
+        if result.rank == 0:
+            dense = sheared.to_dense(result.module, target)
+            staging = folder / "dense.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            dense.save_pretrained(staging)
+            objective.tokenizer.save_pretrained(staging)
+            from .. import store
+
+            store.write_json(staging / "masks_summary.json", {"expected": objective.metrics(result.module),
+                                                              "tokens": result.summary["tokens"]})
+            store.publish_dir(staging, folder / "dense")
+        result.barrier()
+
+
+def _sheared_choice(run, ids, micro: int, device, meter: Meter, report: dict):
+    """The learned candidates, each scored by calibration loss; the lowest one is the result."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from . import calibration as calib
+
+    best, best_loss = None, math.inf
+    with meter.phase("score learned candidates"):
+        for folder in sorted((run.dir / "sheared").glob("candidate*")):
+            model = AutoModelForCausalLM.from_pretrained(folder / "dense", dtype=torch.float32,
+                                                         attn_implementation="sdpa").to(device).eval()
+            loss = calib.lm_loss(model, ids, micro)
+            info = json.loads((folder / "dense" / "masks_summary.json").read_text())
+            from .surgery import Shape
+
+            report["candidates"].append({**Shape.of(model).describe(), "calibration_loss": loss,
+                                         "mask_tokens": info["tokens"], **info["expected"]})
+            if loss < best_loss:
+                best, best_loss = model, loss
+    for c in report["candidates"]:
+        c["selected"] = c["calibration_loss"] == best_loss
+    return best
 
 
 def _width(model, ids, cfg: PruneConfig, micro: int, device, shape, meter: Meter, report: dict):

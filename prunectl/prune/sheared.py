@@ -1,0 +1,140 @@
+"""Sheared LLaMA (eq. 6): hard-concrete masks over layers, KV groups, hidden and MLP channels, learned with
+the weights under an augmented Lagrangian toward a target shape, then cut to exactly that shape.
+
+Mask learning runs on the shared training loop (DeepSpeed, checkpoints, resume, preemption) through
+`MaskObjective`; the dual variables (lambda, phi) are trained by gradient *ascent* (their gradients are
+negated), so the constraint tightens for as long as the expected shape misses the target.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from ..schema import Strict
+from ..train import Objective, TrainConfig
+from .surgery import Shape, cut
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaForCausalLM
+
+AXES = ("layers", "kv_groups", "hidden", "ffn")
+
+
+class TargetShape(Strict):
+    layers: int | None = Field(None, ge=1, description="default: the parent's")
+    hidden: int = Field(ge=1)
+    heads: int = Field(ge=1, description="query heads; a multiple of the parent's heads per KV group")
+    ffn: int = Field(ge=1)
+
+
+class ShearedConfig(Strict):
+    targets: list[TargetShape] = Field(default_factory=list, description="candidates (Table 7); default: generated")
+    train: TrainConfig = Field(description="the mask-learning budget: tokens, ranges, batch, ZeRO stage")
+    mask_lr: float = Field(0.1, gt=0, description="learning rate of the mask log-alphas")
+    dual_lr: float = Field(0.1, gt=0, description="learning rate of the Lagrange multipliers")
+    init_log_alpha: float = Field(3.0, description="masks start almost surely open")
+
+
+class MaskObjective(Objective):
+    """Mask learning for one target shape: LM loss + Lagrangian, masks and duals in their own groups."""
+
+    def __init__(self, parent_dir, target: Shape, cfg: ShearedConfig) -> None:
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        self.parent_dir, self.target, self.cfg = parent_dir, target, cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(parent_dir)
+
+    def build(self, tokenizer, vocab_size: int, seed: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .hardconcrete import MaskedLlama
+
+        llama = AutoModelForCausalLM.from_pretrained(self.parent_dir, dtype=torch.float32, attn_implementation="sdpa")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return MaskedLlama(llama, self.target, self.cfg.init_log_alpha)
+
+    def parameters(self, module) -> Any:
+        masks = list(module.log_alpha.parameters())
+        duals = [module.lambdas, module.phis]
+        return [
+            {"params": list(module.llama.parameters())},
+            {"params": masks, "lr": self.cfg.mask_lr, "weight_decay": 0.0},
+            {"params": duals, "lr": self.cfg.dual_lr, "weight_decay": 0.0},
+        ]
+
+    def loss(self, engine, x, step: int):
+        lm, lagrangian = engine(input_ids=x, labels=x)
+        return lm + lagrangian, lm
+
+    def metrics(self, module) -> dict[str, Any]:
+        import torch
+
+        with torch.no_grad():
+            expected = module.expected().tolist()
+        return {f"expected_{a}": round(v, 4) for a, v in zip(AXES, expected)}
+
+    def language_model(self, module):
+        return module.llama
+
+
+def candidates(shape: Shape, ratio: float, targets: list[TargetShape], quantum: int, count: int) -> list[Shape]:
+    """Listed targets, or Table 7's procedure: two hidden sizes, query heads in steps of a KV group, MLP solved."""
+    from ..errors import PrunectlError
+    from .width import _ffn_for, _spread
+
+    def as_shape(t: TargetShape) -> Shape:
+        if t.heads % shape.group:
+            raise PrunectlError(f"prune.sheared.targets: heads={t.heads} is not a multiple of the parent's "
+                                f"{shape.group} query heads per KV group (GQA must stay valid)")
+        s = shape.with_(layers=t.layers or shape.layers, hidden=t.hidden, heads=t.heads, kv_heads=t.heads // shape.group,
+                        ffn=t.ffn)
+        if s.layers > shape.layers or s.hidden > shape.hidden or s.heads > shape.heads or s.ffn > shape.ffn:
+            raise PrunectlError(f"prune.sheared.targets: {t.model_dump(exclude_none=True)} is larger than the parent "
+                                f"along some axis ({shape.describe()})")
+        return s
+
+    if targets:
+        return [as_shape(t) for t in targets]
+    target = (1 - ratio) * shape.parameters()
+    found = []
+    for hidden in sorted({quantum * round(shape.hidden * f / quantum) for f in (0.75, 0.85)}):
+        for groups in range(1, shape.kv_heads + 1):
+            trial = shape.with_(hidden=hidden, kv_heads=groups, heads=groups * shape.group)
+            ffn = _ffn_for(trial, target, quantum)
+            if quantum <= ffn <= shape.ffn and abs(trial.with_(ffn=ffn).parameters() - target) <= 0.05 * shape.parameters():
+                found.append(trial.with_(ffn=ffn))
+    if not found:
+        raise PrunectlError(f"prune.ratio: {ratio} is infeasible for sheared-llama on this parent without listed "
+                            "targets; list prune.sheared.targets")
+    return _spread(found, count)
+
+
+def to_dense(module, target: Shape) -> LlamaForCausalLM:
+    """Keep exactly the target's top units by log-alpha; fold the kept masks' values into the weights."""
+    import torch
+
+    from .hardconcrete import sample
+
+    la = module.log_alpha
+    p = module.parent
+    with torch.no_grad():
+        z = {a: sample(la[a], training=False) for a in AXES}
+        layers = torch.topk(la["layers"], target.layers).indices.sort().values.tolist()
+        hidden = torch.topk(la["hidden"], target.hidden).indices.sort().values
+        groups = [torch.topk(la["kv_groups"][i], target.kv_heads).indices.sort().values for i in layers]
+        ffn = [torch.topk(la["ffn"][i], target.ffn).indices.sort().values for i in layers]
+        llama = module.llama
+        g, d = p.group, p.head_dim
+        for i in layers:
+            layer = llama.model.layers[i]
+            scale_o = z["kv_groups"][i].repeat_interleave(g * d) * z["layers"][i]
+            layer.self_attn.o_proj.weight.mul_(scale_o[None, :].to(layer.self_attn.o_proj.weight.dtype))
+            layer.mlp.down_proj.weight.mul_((z["ffn"][i] * z["layers"][i])[None, :].to(layer.mlp.down_proj.weight.dtype))
+        # hidden-channel masks of kept channels are ~1 after training; they are not folded (tied embeddings)
+        return cut(llama, layers=layers, hidden=hidden, kv_groups=groups, ffn=ffn)
