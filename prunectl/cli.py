@@ -275,6 +275,14 @@ def _check_prune(root: Path, r, res) -> dict[str, str]:
         problems.append(f"calibration.range: '{r.calibration.range}' is the held-out evaluation range; calibrate elsewhere")
     if "data" in meta and r.heldout.tokens and r.heldout.range not in meta["data"]["ranges"]:
         problems.append(f"heldout.range: {inputs['data']} has no range {r.heldout.range}")
+    if r.prune.sheared is not None and r.prune.method == "sheared-llama" and "data" in meta:
+        t = r.prune.sheared.train
+        missing = [n for n in [*t.data_ranges, t.eval_range] if n not in meta["data"]["ranges"]]
+        if missing:
+            problems.append(f"prune.sheared.train.data_ranges: {inputs['data']} has no range {', '.join(missing)}")
+        if t.global_batch % (t.micro_batch * res.world):
+            problems.append(f"prune.sheared.train.global_batch: {t.global_batch} is not a multiple of micro_batch x "
+                            f"ranks = {t.micro_batch} x {res.world}")
     needs_calibration = r.prune.method in prune_stage.CALIBRATED
     if needs_calibration and calib_key in meta:
         ranges = meta[calib_key]["ranges"]

@@ -75,12 +75,18 @@ class DataConfig(Strict):
     doc_chars: int = Field(20_000, ge=100, description="long texts are cut into documents of about this size")
     seed: int = 0
     shard_tokens: int = Field(1 << 24, ge=1024)
+    role: Literal["corpus", "calibration"] = Field(
+        "corpus", description="calibration: a set apart from the corpus (WikiText-103, C4 in the paper), tokenized "
+                              "with the parent's HF tokenizer; it needs only a calibration range")
 
     @model_validator(mode="after")
     def _ranges(self) -> DataConfig:
-        missing = [r for r in REQUIRED_RANGES if r not in self.ranges]
+        required = REQUIRED_RANGES if self.role == "corpus" else ("calibration",)
+        missing = [r for r in required if r not in self.ranges]
         if missing:
             raise ValueError(f"ranges must include {', '.join(missing)}")
+        if self.role == "calibration" and self.tokenizer.kind != "hf":
+            raise ValueError("a calibration set must use the parent's tokenizer: tokenizer.kind hf with its path")
         bad = [f"{k}={v}" for k, v in self.ranges.items() if not 0 < v <= 1]
         if bad:
             raise ValueError(f"range shares must be in (0, 1]: {', '.join(bad)}")
@@ -351,7 +357,7 @@ def prepare(config: DataConfig, out: Path, progress=None) -> dict[str, Any]:
     """Write tokenizer/, tokens/*.bin and data.json into `out`; returns the metadata."""
     docs = read_documents(config)
     dealt = deal_ranges(docs, config.ranges, config.seed)
-    tokenizer = build_tokenizer(config.tokenizer, dealt["pretrain"])
+    tokenizer = build_tokenizer(config.tokenizer, dealt.get("pretrain", []))
     tokenizer.save_pretrained(out / "tokenizer")
     vocab = len(tokenizer)
     dtype = np.dtype(np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32)
@@ -363,7 +369,7 @@ def prepare(config: DataConfig, out: Path, progress=None) -> dict[str, Any]:
         start = writer.total
         for ids in encode(tokenizer, range_docs):
             writer.write(ids)
-            if name == "pretrain":
+            if name == ("pretrain" if "pretrain" in dealt else "calibration"):
                 counts += np.bincount(ids, minlength=vocab)
             if progress:
                 progress.advance(task)

@@ -44,6 +44,10 @@ CONFIGS = {
     "shortgpt": {"method": "shortgpt", "ratio": 0.5},
     "width": {"method": "minitron-width", "ratio": 0.5, "search": {"candidates": 3, "quantum": 4}},
     "flap": {"method": "flap", "ratio": 0.5},
+    "sheared": {"method": "sheared-llama", "ratio": 0.5, "search": {"candidates": 2, "quantum": 4},
+                "sheared": {"mask_lr": 0.3, "dual_lr": 1.0, "train": {
+                    "tokens": 16384, "data_ranges": ["retrain"], "seq_len": 64, "global_batch": 16, "micro_batch": 16,
+                    "zero_stage": 2, "checkpoint_every": 0, "eval_every": 0, "eval_tokens": 4096, "log_every": 4}}},
     "wanda": {"method": "wanda", "ratio": 0.5},
     "wanda-24": {"method": "wanda", "pattern": "2:4"},
     "sparsegpt": {"method": "sparsegpt", "ratio": 0.5},
@@ -129,7 +133,7 @@ def test_quality_ordering_after_pruning(pruned):
 
 
 def test_architecture_search_picks_the_best_candidate_it_tried(pruned):
-    for key in ("width", "flap", "depth"):
+    for key in ("width", "flap", "depth", "sheared"):
         candidates = pruned["reports"][key]["candidates"]
         assert len(candidates) >= 2, key
         chosen = [c for c in candidates if c["selected"]]
@@ -137,6 +141,9 @@ def test_architecture_search_picks_the_best_candidate_it_tried(pruned):
     after = pruned["reports"]["width"]["architecture"]["after"]
     assert 2 * after["hidden"] <= after["ffn"] <= 4 * after["hidden"]
     assert pruned["reports"]["flap"]["architecture"]["after"]["hidden"] == 64
+    sheared = pruned["reports"]["sheared"]
+    assert all(c["mask_tokens"] == 16384 for c in sheared["candidates"])  # the budget, exactly
+    assert sheared["achieved_ratio"] == pytest.approx(0.5, abs=0.02)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -129,3 +129,38 @@ def test_patterns():
     assert sparse.parse_pattern("unstructured") is None and sparse.parse_pattern("4:8") == (4, 8)
     with pytest.raises(ValueError):
         sparse.parse_pattern("4:2")
+
+
+def test_open_masks_leave_the_function_unchanged_and_cut_to_the_target():
+    from prunectl.prune import sheared
+    from prunectl.prune.hardconcrete import MaskedLlama
+
+    m, x = _model(layers=3, heads=4, kv=2), _ids()
+    with torch.no_grad():
+        reference = m(x, labels=x).loss
+    target = Shape.of(m).with_(layers=2, hidden=48, kv_heads=1, heads=2, ffn=64)
+    masked = MaskedLlama(m, target, init_log_alpha=3.0).eval()  # deterministic z = 1 everywhere
+    with torch.no_grad():
+        loss, _ = masked(x, labels=x)
+    assert torch.allclose(loss, reference, atol=1e-6)
+    dense = sheared.to_dense(masked, target)
+    assert Shape.of(dense) == target
+    dense(x)
+
+
+def test_the_lagrangian_pushes_the_expected_shape_toward_the_target():
+    from prunectl.prune.hardconcrete import MaskedLlama
+
+    m, x = _model(layers=2), _ids(n=4, t=16)
+    target = Shape.of(m).with_(hidden=32, ffn=64)
+    masked = MaskedLlama(m, target, init_log_alpha=3.0, dual_lr=1.0).train()
+    opt = torch.optim.Adam(masked.log_alpha.parameters(), lr=0.5)
+    start = masked.expected().detach()
+    for _ in range(30):
+        lm, lagrangian = masked(x, labels=x)
+        opt.zero_grad()
+        (lm + lagrangian).backward()
+        opt.step()
+    end = masked.expected().detach()
+    assert end[2] < start[2] - 0.1 and end[3] < start[3] - 0.1  # hidden and MLP fractions fall toward 0.5
+    assert masked.lambdas[2] > 0  # ascent: the multiplier grew while the constraint was violated

@@ -16,7 +16,7 @@ from .conftest import REPO, prunectl
                          ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_recipe_resolves(path):
     r = recipes.resolve(str(path))
-    assert r.name and r.stage in ("data", "pretrain")
+    assert r.name and r.stage in ("data", "pretrain", "prune")
     # the resolved dump is itself a valid recipe: what a run stores is what it ran
     assert recipes._RECIPE.validate_python(__import__("yaml").safe_load(recipes.dump(r))) == r
 
@@ -25,7 +25,7 @@ def test_extends_and_typed_overrides():
     r = recipes.resolve(str(REPO / "recipes/tiny/parent-2rank.yaml"), ["train.tokens=2e6", "optimizer.lr=1e-3", "model.tie_embeddings=true"])
     assert r.name == "tiny-parent-2rank"
     assert r.launch.tasks_per_node == 2 and r.train.micro_batch == 8  # from the child
-    assert r.model.layers == 8  # from _train.yaml, two levels up
+    assert r.model.layers == 12  # from _train.yaml, two levels up
     assert r.train.tokens == 2_000_000 and r.optimizer.lr == 1e-3 and r.model.tie_embeddings is True
 
 
@@ -89,4 +89,4 @@ def test_recipes_ls_and_show(tmp_path):
     for name in ("tiny-data", "tiny-parent", "paper-parent"):
         assert name in listing
     shown = prunectl("recipes", "show", "tiny-parent", "--resolved", "train.tokens=777216", env=env).stdout
-    assert "tokens: 777216" in shown and "layers: 8" in shown and "extends" not in shown
+    assert "tokens: 777216" in shown and "layers: 12" in shown and "extends" not in shown

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from .conftest import manifest, prunectl
+from .test_prune import pruned  # noqa: F401  (the trained prune parent and its runs)
 
 
 def _cluster_up() -> bool:
@@ -76,3 +77,22 @@ def test_preemption_signal_saves_requeues_and_finishes(fresh_runs):
     assert m["job_ids"] == [job_id]  # the same job, requeued
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
     assert steps == sorted(set(steps))  # no step logged twice across the requeue
+
+
+def test_prune_through_slurm_and_a_ratio_sweep_as_one_array(pruned, workspace):
+    runs, env = workspace["runs"], workspace["env"]
+    prunectl("prune", "test-prune-wanda", "--new", *SLURM, "--wait", env=env)
+    m = manifest(runs, "test-prune-wanda", 2)
+    assert m["status"] == "complete" and m["executor"] == "slurm" and m["job_ids"][0].isdigit()
+    report = json.loads((runs / "test-prune-wanda" / "v002" / "report.json").read_text())
+    assert report["achieved_ratio"] == pytest.approx(0.5) and (runs / "test-prune-wanda" / "v002" / "final" /
+                                                              "masks.safetensors").exists()
+
+    out = prunectl("prune", "test-prune-depth", "--array", "prune.ratio=0.25,0.5", *SLURM, "--wait", env=env)
+    assert out.stdout.count("submitted test-prune-depth@") == 2
+    layers = []
+    for version in (2, 3):
+        m = manifest(runs, "test-prune-depth", version)
+        assert m["status"] == "complete" and "_" in m["job_ids"][0]  # array task ids: <job>_<index>
+        layers.append(m["summary"]["architecture"]["after"]["layers"])
+    assert layers[0] > layers[1]  # the smaller ratio keeps more layers

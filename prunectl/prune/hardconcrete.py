@@ -35,7 +35,7 @@ class MaskedLlama(torch.nn.Module):
     forward() returns (LM loss, Lagrangian); the mask values are drawn once per forward.
     """
 
-    def __init__(self, model: LlamaForCausalLM, target: Shape, init_log_alpha: float) -> None:
+    def __init__(self, model: LlamaForCausalLM, target: Shape, init_log_alpha: float, dual_lr: float = 1.0) -> None:
         super().__init__()
         self.llama = model
         self.parent = p = Shape.of(model)
@@ -46,10 +46,13 @@ class MaskedLlama(torch.nn.Module):
             "hidden": torch.nn.Parameter(torch.full((p.hidden,), init_log_alpha)),
             "ffn": torch.nn.Parameter(torch.full((p.layers, p.ffn), init_log_alpha)),
         })
-        self.lambdas = torch.nn.Parameter(torch.zeros(len(AXES)))
-        self.phis = torch.nn.Parameter(torch.zeros(len(AXES)))
-        for dual in (self.lambdas, self.phis):
-            dual.register_hook(lambda g: -g)  # gradient ascent: the multipliers maximise the Lagrangian
+        # The multipliers maximise the Lagrangian by plain gradient ascent, lambda += lr * gap and
+        # phi += lr * gap^2, once per training forward: a step proportional to the violation settles
+        # as the expected shape reaches the target (Adam's fixed-size steps overshoot on short budgets).
+        # Buffers, so checkpoints carry them and a resumed run continues with the same pressure.
+        self.dual_lr = dual_lr
+        self.register_buffer("lambdas", torch.zeros(len(AXES)))
+        self.register_buffer("phis", torch.zeros(len(AXES)))
         self.register_buffer("goal", torch.tensor([target.layers / p.layers, target.kv_heads / p.kv_heads,
                                                    target.hidden / p.hidden, target.ffn / p.ffn]), persistent=False)
         self._z: dict[str, torch.Tensor] = {}
@@ -86,4 +89,9 @@ class MaskedLlama(torch.nn.Module):
         self._z = {a: sample(self.log_alpha[a], self.training) for a in AXES}
         out = self.llama(input_ids=input_ids, labels=labels)
         gap = self.expected() - self.goal
-        return out.loss, (self.lambdas * gap + self.phis * gap.square()).sum()
+        lagrangian = (self.lambdas.clone() * gap + self.phis.clone() * gap.square()).sum()
+        if self.training:
+            with torch.no_grad():
+                self.lambdas += self.dual_lr * gap
+                self.phis += self.dual_lr * gap.square()
+        return out.loss, lagrangian

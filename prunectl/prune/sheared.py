@@ -2,8 +2,8 @@
 the weights under an augmented Lagrangian toward a target shape, then cut to exactly that shape.
 
 Mask learning runs on the shared training loop (DeepSpeed, checkpoints, resume, preemption) through
-`MaskObjective`; the dual variables (lambda, phi) are trained by gradient *ascent* (their gradients are
-negated), so the constraint tightens for as long as the expected shape misses the target.
+`MaskObjective`; the dual variables (lambda, phi) rise by gradient *ascent* in proportion to the
+violation, so the constraint tightens for as long as the expected shape misses the target.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ class TargetShape(Strict):
 class ShearedConfig(Strict):
     targets: list[TargetShape] = Field(default_factory=list, description="candidates (Table 7); default: generated")
     train: TrainConfig = Field(description="the mask-learning budget: tokens, ranges, batch, ZeRO stage")
-    mask_lr: float = Field(0.1, gt=0, description="learning rate of the mask log-alphas")
-    dual_lr: float = Field(0.1, gt=0, description="learning rate of the Lagrange multipliers")
+    mask_lr: float = Field(0.1, gt=0, description="learning rate of the mask log-alphas (AdamW)")
+    dual_lr: float = Field(1.0, gt=0, description="ascent step of the multipliers per forward, times the violation")
     init_log_alpha: float = Field(3.0, description="masks start almost surely open")
 
 
@@ -57,15 +57,12 @@ class MaskObjective(Objective):
         llama = AutoModelForCausalLM.from_pretrained(self.parent_dir, dtype=torch.float32, attn_implementation="sdpa")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return MaskedLlama(llama, self.target, self.cfg.init_log_alpha)
+            return MaskedLlama(llama, self.target, self.cfg.init_log_alpha, self.cfg.dual_lr)
 
     def parameters(self, module) -> Any:
-        masks = list(module.log_alpha.parameters())
-        duals = [module.lambdas, module.phis]
         return [
             {"params": list(module.llama.parameters())},
-            {"params": masks, "lr": self.cfg.mask_lr, "weight_decay": 0.0},
-            {"params": duals, "lr": self.cfg.dual_lr, "weight_decay": 0.0},
+            {"params": list(module.log_alpha.parameters()), "lr": self.cfg.mask_lr, "weight_decay": 0.0},
         ]
 
     def loss(self, engine, x, step: int):

@@ -18,9 +18,11 @@ if TYPE_CHECKING:
 
 
 def _spread(items: list, count: int) -> list:
-    """At most `count` items, evenly spread and always including both ends."""
+    """At most `count` items, evenly spread (both ends included; a single pick is the middle one)."""
     if len(items) <= count:
         return items
+    if count == 1:
+        return [items[len(items) // 2]]
     picks = sorted({round(i * (len(items) - 1) / (count - 1)) for i in range(count)})
     return [items[i] for i in picks]
 
