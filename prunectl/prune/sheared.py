@@ -113,7 +113,9 @@ def candidates(shape: Shape, ratio: float, targets: list[TargetShape], quantum: 
 
 
 def to_dense(module, target: Shape) -> LlamaForCausalLM:
-    """Keep exactly the target's top units by log-alpha; fold the kept masks' values into the weights."""
+    """Keep exactly the target's top units by log-alpha; fold the kept masks' deterministic values into
+    the weights, so the dense model computes what the masked one did (up to the residual skip of a
+    partly open layer, whose z multiplies the sublayer outputs here)."""
     import torch
 
     from .hardconcrete import sample
@@ -128,10 +130,15 @@ def to_dense(module, target: Shape) -> LlamaForCausalLM:
         ffn = [torch.topk(la["ffn"][i], target.ffn).indices.sort().values for i in layers]
         llama = module.llama
         g, d = p.group, p.head_dim
+        zh = z["hidden"]
+        # The hidden mask scaled the embeddings and every sublayer's output, i.e. the whole residual
+        # stream channel: folding it there reproduces the stream exactly (a tied lm_head also sees the
+        # scaled embedding; kept channels' values are close to 1).
+        llama.model.embed_tokens.weight.mul_(zh[None, :].to(llama.model.embed_tokens.weight.dtype))
         for i in layers:
             layer = llama.model.layers[i]
-            scale_o = z["kv_groups"][i].repeat_interleave(g * d) * z["layers"][i]
-            layer.self_attn.o_proj.weight.mul_(scale_o[None, :].to(layer.self_attn.o_proj.weight.dtype))
-            layer.mlp.down_proj.weight.mul_((z["ffn"][i] * z["layers"][i])[None, :].to(layer.mlp.down_proj.weight.dtype))
-        # hidden-channel masks of kept channels are ~1 after training; they are not folded (tied embeddings)
+            o, down = layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight
+            scale_heads = z["kv_groups"][i].repeat_interleave(g * d)
+            o.mul_((zh[:, None] * z["layers"][i] * scale_heads[None, :]).to(o.dtype))
+            down.mul_((zh[:, None] * z["layers"][i] * z["ffn"][i][None, :]).to(down.dtype))
         return cut(llama, layers=layers, hidden=hidden, kv_groups=groups, ffn=ffn)
