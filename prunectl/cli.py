@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import sys
@@ -441,8 +440,8 @@ def status(
 
 def main() -> None:
     # Clusters without accounting (like slurm/local-cluster.sh) make submitit warn on every sacct poll;
-    # prunectl reads job state from squeue and the run's manifest instead.
-    logging.getLogger("submitit").setLevel(logging.ERROR)
+    # prunectl reads job state from squeue and the run's manifest instead. (submitit reads this at import.)
+    os.environ.setdefault("SUBMITIT_LOG_LEVEL", "ERROR")
     try:
         app(standalone_mode=False)
     except PrunectlError as err:

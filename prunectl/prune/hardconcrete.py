@@ -19,10 +19,10 @@ def l0(log_alpha: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(log_alpha - BETA * math.log(-LEFT / RIGHT))
 
 
-def sample(log_alpha: torch.Tensor, training: bool) -> torch.Tensor:
+def sample(log_alpha: torch.Tensor, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """A stretched, clipped hard-concrete draw while training; its deterministic value otherwise."""
     if training:
-        u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
+        u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device).clamp(1e-6, 1 - 1e-6)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
     else:
         s = torch.sigmoid(log_alpha)
@@ -35,7 +35,8 @@ class MaskedLlama(torch.nn.Module):
     forward() returns (LM loss, Lagrangian); the mask values are drawn once per forward.
     """
 
-    def __init__(self, model: LlamaForCausalLM, target: Shape, init_log_alpha: float, dual_lr: float = 1.0) -> None:
+    def __init__(self, model: LlamaForCausalLM, target: Shape, init_log_alpha: float, dual_lr: float = 1.0,
+                 seed: int = 0) -> None:
         super().__init__()
         self.llama = model
         self.parent = p = Shape.of(model)
@@ -53,6 +54,9 @@ class MaskedLlama(torch.nn.Module):
         self.dual_lr = dual_lr
         self.register_buffer("lambdas", torch.zeros(len(AXES)))
         self.register_buffer("phis", torch.zeros(len(AXES)))
+        # Mask noise is a pure function of (seed, draw number); the counter is checkpointed with the rest.
+        self.seed = seed
+        self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
         self.register_buffer("goal", torch.tensor([target.layers / p.layers, target.kv_heads / p.kv_heads,
                                                    target.hidden / p.hidden, target.ffn / p.ffn]), persistent=False)
         self._z: dict[str, torch.Tensor] = {}
@@ -86,7 +90,12 @@ class MaskedLlama(torch.nn.Module):
         return torch.stack([l0(self.log_alpha[a]).mean() for a in AXES])
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
-        self._z = {a: sample(self.log_alpha[a], self.training) for a in AXES}
+        generator = None
+        if self.training:
+            generator = torch.Generator(device=self.lambdas.device)
+            generator.manual_seed(self.seed * 1_000_003 + int(self.draws))
+            self.draws += 1
+        self._z = {a: sample(self.log_alpha[a], self.training, generator) for a in AXES}
         out = self.llama(input_ids=input_ids, labels=labels)
         gap = self.expected() - self.goal
         lagrangian = (self.lambdas.clone() * gap + self.phis.clone() * gap.square()).sum()

@@ -57,7 +57,7 @@ class MaskObjective(Objective):
         llama = AutoModelForCausalLM.from_pretrained(self.parent_dir, dtype=torch.float32, attn_implementation="sdpa")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return MaskedLlama(llama, self.target, self.cfg.init_log_alpha, self.cfg.dual_lr)
+            return MaskedLlama(llama, self.target, self.cfg.init_log_alpha, self.cfg.dual_lr, seed)
 
     def parameters(self, module) -> Any:
         return [
