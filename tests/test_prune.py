@@ -62,12 +62,12 @@ def pruned(workspace) -> dict:
     """The parent, then every method's run, and what a fresh process loads from each final/."""
     recipes, runs, env = workspace["recipes"], workspace["runs"], workspace["env"]
     (recipes / "prune-parent.yaml").write_text(textwrap.dedent(PARENT))
-    prunectl("pretrain", "test-prune-parent", "--executor", "local", env=env)
+    prunectl("pretrain", "test-prune-parent", "--executor", "local", env=env, timeout=1800)
     (recipes / "_prune.yaml").write_text(textwrap.dedent(COMMON))
     for key, cfg in CONFIGS.items():
         (recipes / f"prune-{key}.yaml").write_text(
             f"extends: _prune.yaml\nname: test-prune-{key}\nprune: {json.dumps(cfg)}\n")
-        prunectl("prune", f"test-prune-{key}", "--executor", "local", env=env)
+        prunectl("prune", f"test-prune-{key}", "--executor", "local", env=env, timeout=1800)
     reports = {key: json.loads((runs / f"test-prune-{key}" / "v001" / "report.json").read_text()) for key in CONFIGS}
     finals = {key: str(runs / f"test-prune-{key}" / "v001" / "final") for key in CONFIGS}
     script = textwrap.dedent("""
