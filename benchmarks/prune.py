@@ -39,7 +39,8 @@ two ways, on two fresh copies of the same parent with the same calibration batch
 
   product   collect(shared=True): one hook and one accumulation per input group (q/k/v share one,
             gate/up share one), and sparse.wanda_mask with its vectorised keep_n_of_m;
-  baseline  collect(shared=False): one hook and one accumulation per Linear (q, k and v each sum their
+  baseline  per_linear_stats: each Linear hooked alone with its own calibration pass through the layer
+            and its own accumulation (seven passes per layer instead of one; q, k and v each sum their
             own norms and X^T X), and a Wanda N:M mask chosen by a Python loop over the cols/M groups,
             one top-k per group (loop_n_of_m below).
 
@@ -308,6 +309,23 @@ def select(layer, stats, i: int, method: str, ratio: float, nm, product: bool, m
         masks[f"model.layers.{i}.{name}.weight"] = keep.cpu()
 
 
+def per_linear_stats(layer, walk, gram: bool) -> dict:
+    """The straightforward way: each Linear hooked on its own, with its own calibration pass through the
+    (still unpruned) layer and its own accumulation, so q, k and v each rerun the layer and each sum
+    their own statistics of the same tensor."""
+    from prunectl.prune import calibration as calib
+
+    stats = {}
+    for name in calib.LINEARS:
+        stats[name] = calib.InputStats(gram=gram)
+        hook = layer.get_submodule(name).register_forward_pre_hook(lambda _m, a, s=stats[name]: s.add(a[0].detach()))
+        try:
+            walk.forward(layer, update=False)
+        finally:
+            hook.remove()
+    return stats
+
+
 def interleaved_pass(parent, ids, micro: int, method: str, ratio: float, nm, product_first: bool):
     """The sequential pass of _sparse (Layerwise + each_layer's steps), run for both sides in lockstep.
 
@@ -338,8 +356,10 @@ def interleaved_pass(parent, ids, micro: int, method: str, ratio: float, nm, pro
             with timed_stats(clock):
                 start = time.perf_counter()
                 layer = models[side].model.layers[i].to(device)
-                stats = calib.collect(layer, lambda: walk.forward(layer, update=False), gram=method == "sparsegpt",
-                                      shared=side)
+                if side:
+                    stats = calib.collect(layer, lambda: walk.forward(layer, update=False), gram=method == "sparsegpt")
+                else:
+                    stats = per_linear_stats(layer, walk, gram=method == "sparsegpt")
                 t = time.perf_counter()
                 select(layer, stats, i, method, ratio, nm, side, masks[side])
                 clock["select"] += time.perf_counter() - t

@@ -84,9 +84,13 @@ LINEARS = tuple(name for group in SHARED_INPUTS.values() for name in group)
 
 @dataclass
 class InputStats:
-    """Running statistics of one Linear input X (tokens x features), in float64 where they are summed."""
+    """Running statistics of one Linear input X (tokens x features), summed in float64.
 
-    gram: bool = False  # X^T X, for SparseGPT's Hessian
+    Only what the method reads is accumulated: squared norms always, column sums for FLAP's mean and
+    variance (moments=True), X^T X for SparseGPT's Hessian (gram=True)."""
+
+    gram: bool = False
+    moments: bool = False
     n: int = 0
     sum: torch.Tensor | None = None
     sumsq: torch.Tensor | None = None
@@ -96,18 +100,22 @@ class InputStats:
         import torch
 
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        s, sq = x.sum(0, dtype=torch.float64), x.square().sum(0, dtype=torch.float64)
-        self.sum = s if self.sum is None else self.sum + s
-        self.sumsq = sq if self.sumsq is None else self.sumsq + sq
         if self.gram:
-            g = x.T @ x
-            self.xtx = g if self.xtx is None else self.xtx + g
+            g = (x.T @ x).double()
+            self.xtx = g if self.xtx is None else self.xtx.add_(g)
+        else:
+            sq = torch.linalg.vector_norm(x, dim=0).double().square()
+            self.sumsq = sq if self.sumsq is None else self.sumsq.add_(sq)
+        if self.moments:
+            s = x.sum(0, dtype=torch.float64)
+            self.sum = s if self.sum is None else self.sum.add_(s)
         self.n += x.shape[0]
 
     @property
     def norm(self) -> torch.Tensor:
         """||X_:,j||_2 per feature (Wanda, Minitron)."""
-        return self.sumsq.sqrt().float()
+        sumsq = self.sumsq if self.sumsq is not None else self.xtx.diagonal()
+        return sumsq.sqrt().float()
 
     @property
     def mean(self) -> torch.Tensor:
@@ -119,7 +127,7 @@ class InputStats:
         return ((self.sumsq - self.sum.square() / self.n) / max(1, self.n - 1)).clamp_min(0).float()
 
 
-def collect(layer: torch.nn.Module, run: Callable[[], None], gram: bool = False,
+def collect(layer: torch.nn.Module, run: Callable[[], None], gram: bool = False, moments: bool = False,
             shared: bool = True) -> dict[str, InputStats]:
     """Statistics of every decoder-layer Linear's input while `run()` pushes calibration data through.
 
@@ -127,7 +135,7 @@ def collect(layer: torch.nn.Module, run: Callable[[], None], gram: bool = False,
     on its own, the straightforward way benchmarks/prune.py compares against.
     """
     groups = SHARED_INPUTS if shared else {name: (name,) for name in LINEARS}
-    stats = {lead: InputStats(gram=gram) for lead in groups}
+    stats = {lead: InputStats(gram=gram, moments=moments) for lead in groups}
     handles = [
         layer.get_submodule(lead).register_forward_pre_hook(lambda _m, args, s=stats[lead]: s.add(args[0].detach()))
         for lead in groups

@@ -213,6 +213,8 @@ def _prune(run, recipe, inputs: dict[str, str], device) -> dict[str, Any]:
         loss_before = calib.lm_loss(parent, ids, micro) if ids is not None else None
         held_before = calib.lm_loss(parent, heldout, micro) if heldout is not None else None
 
+    if device.type != "cpu" and cfg.method in ("wanda", "sparsegpt", "flap"):
+        parent.to("cpu")  # the layer-wise pass moves one decoder layer at a time onto the accelerator
     masks: dict[str, torch.Tensor] = {}
     if cfg.method in SPARSE:
         pruned, masks = _sparse(parent, ids, cfg, micro, device, meter)
@@ -416,11 +418,10 @@ def _sheared_choice(run, ids, micro: int, device, meter: Meter, report: dict):
             from .surgery import Shape
 
             report["candidates"].append({**Shape.of(model).describe(), "calibration_loss": loss,
-                                         "mask_tokens": info["tokens"], **info["expected"]})
+                                         "mask_tokens": info["tokens"], **info["expected"], "selected": False})
             if loss < best_loss:
-                best, best_loss = model, loss
-    for c in report["candidates"]:
-        c["selected"] = c["calibration_loss"] == best_loss
+                best, best_loss, chosen = model, loss, report["candidates"][-1]
+    chosen["selected"] = True
     return best
 
 
@@ -442,12 +443,11 @@ def _width(model, ids, cfg: PruneConfig, micro: int, device, shape, meter: Meter
                 small = width.flap_prune(copy.deepcopy(model).cpu(), ids, micro, device, target)
             small.to(device)
             loss = calib.lm_loss(small, ids, micro)
-            report["candidates"].append({**target.describe(), "calibration_loss": loss})
+            report["candidates"].append({**target.describe(), "calibration_loss": loss, "selected": False})
             if loss < best_loss:
-                best, best_loss = small, loss
+                best, best_loss, chosen = small, loss, report["candidates"][-1]
             small.to("cpu")
-    for c in report["candidates"]:
-        c["selected"] = c["calibration_loss"] == best_loss
+    chosen["selected"] = True
     return best
 
 

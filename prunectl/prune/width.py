@@ -131,7 +131,7 @@ def flap_prune(model: LlamaForCausalLM, ids: torch.Tensor, micro: int, device, t
     walk = Layerwise(model, ids, micro, device)
     keep_groups, keep_ffn = [], []
     for i, layer in walk.each_layer():
-        stats = collect(layer, lambda: walk.forward(layer, update=False))
+        stats = collect(layer, lambda: walk.forward(layer, update=False), moments=True)
         o_in, down_in = stats["self_attn.o_proj"], stats["mlp.down_proj"]
         w_o, w_down = layer.self_attn.o_proj.weight.float(), layer.mlp.down_proj.weight.float()
         head_score = (o_in.variance.to(w_o.device) * w_o.square().sum(0)).view(shape.kv_heads, g * d).sum(1)
