@@ -84,3 +84,6 @@ def fresh_runs(workspace, tmp_path) -> dict:
     (runs / "test-data").symlink_to(workspace["runs"] / "test-data", target_is_directory=True)
     env = {**workspace["env"], "PRUNECTL_RUNS": str(runs)}
     return {**workspace, "runs": runs, "env": env}
+
+
+from .prune_fixture import pruned  # noqa: E402,F401  (one session-wide instance for every test module)

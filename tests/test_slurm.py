@@ -11,7 +11,6 @@ import time
 import pytest
 
 from .conftest import manifest, prunectl
-from .test_prune import pruned  # noqa: F401  (the trained prune parent and its runs)
 
 
 def _cluster_up() -> bool:
