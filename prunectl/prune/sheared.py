@@ -17,7 +17,6 @@ from ..train import Objective, TrainConfig
 from .surgery import Shape, cut
 
 if TYPE_CHECKING:
-    import torch
     from transformers import LlamaForCausalLM
 
 AXES = ("layers", "kv_groups", "hidden", "ffn")

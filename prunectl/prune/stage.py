@@ -18,7 +18,6 @@ from pydantic import Field, model_validator
 
 from ..errors import PrunectlError
 from ..schema import Strict
-from .calibration import CalibrationConfig
 from .sheared import ShearedConfig
 from .sparse import SparseGPTConfig, parse_pattern
 
