@@ -101,6 +101,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prunectl import store  # noqa: E402
+from train_throughput import cpu_marks  # noqa: E402  (the other benchmark beside this file)
 
 # (label, method, ratio, pattern)
 METHODS = [
@@ -120,14 +121,6 @@ TARGET = 1.5
 
 
 # ------------------------------------------------------------------------------------------ measuring
-
-
-def cpu_marks() -> tuple[float, float, float]:
-    """(CPU-seconds busy machine-wide, CPU-seconds of this process, wall seconds)."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    t = os.times()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), t.user + t.system, time.monotonic()
 
 
 def other_cores(before: tuple[float, float, float]) -> float:

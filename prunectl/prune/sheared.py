@@ -82,7 +82,7 @@ class MaskObjective(Objective):
 def candidates(shape: Shape, ratio: float, targets: list[TargetShape], quantum: int, count: int) -> list[Shape]:
     """Listed targets, or Table 7's procedure: two hidden sizes, query heads in steps of a KV group, MLP solved."""
     from ..errors import PrunectlError
-    from .width import _ffn_for, _spread
+    from .width import _spread, at_budget
 
     def as_shape(t: TargetShape) -> Shape:
         if t.heads % shape.group:
@@ -98,13 +98,11 @@ def candidates(shape: Shape, ratio: float, targets: list[TargetShape], quantum: 
     if targets:
         return [as_shape(t) for t in targets]
     target = (1 - ratio) * shape.parameters()
-    found = []
-    for hidden in sorted({quantum * round(shape.hidden * f / quantum) for f in (0.75, 0.85)}):
-        for groups in range(1, shape.kv_heads + 1):
-            trial = shape.with_(hidden=hidden, kv_heads=groups, heads=groups * shape.group)
-            ffn = _ffn_for(trial, target, quantum)
-            if quantum <= ffn <= shape.ffn and abs(trial.with_(ffn=ffn).parameters() - target) <= 0.05 * shape.parameters():
-                found.append(trial.with_(ffn=ffn))
+    hiddens = sorted({quantum * round(shape.hidden * f / quantum) for f in (0.75, 0.85)})
+    trials = (shape.with_(hidden=h, kv_heads=g, heads=g * shape.group)
+              for h in hiddens for g in range(1, shape.kv_heads + 1))
+    found = at_budget(trials, target, quantum, lambda s: quantum <= s.ffn <= shape.ffn
+                      and abs(s.parameters() - target) <= 0.05 * shape.parameters())
     if not found:
         raise PrunectlError(f"prune.ratio: {ratio} is infeasible for sheared-llama on this parent without listed "
                             "targets; list prune.sheared.targets")

@@ -34,15 +34,17 @@ def _ffn_for(shape: Shape, target: float, quantum: int) -> int:
     return max(quantum, quantum * round((target - rest) / per_channel / quantum))
 
 
+def at_budget(trials, target: float, quantum: int, keep) -> list[Shape]:
+    """Each trial shape with the MLP width that brings it closest to `target` parameters, if `keep` accepts it."""
+    sized = (trial.with_(ffn=_ffn_for(trial, target, quantum)) for trial in trials)
+    return [s for s in sized if keep(s)]
+
+
 def minitron_candidates(shape: Shape, ratio: float, quantum: int, count: int) -> list[Shape]:
     """(hidden, MLP) pairs at the target with 2h <= MLP <= 4h, heads unchanged (Table 5)."""
     target = (1 - ratio) * shape.parameters()
-    found = []
-    for hidden in range(quantum, shape.hidden + 1, quantum):
-        trial = shape.with_(hidden=hidden)
-        ffn = _ffn_for(trial, target, quantum)
-        if 2 * hidden <= ffn <= 4 * hidden and ffn <= shape.ffn:
-            found.append(trial.with_(ffn=ffn))
+    found = at_budget((shape.with_(hidden=h) for h in range(quantum, shape.hidden + 1, quantum)), target, quantum,
+                      lambda s: 2 * s.hidden <= s.ffn <= 4 * s.hidden and s.ffn <= shape.ffn)
     if not found:
         raise PrunectlError(
             f"prune.ratio: {ratio} is infeasible for minitron-width on this parent: no hidden size (multiple of "
@@ -55,12 +57,9 @@ def flap_candidates(shape: Shape, ratio: float, quantum: int, count: int) -> lis
     """(KV groups, MLP) pairs at the target with the hidden size kept (Table 6); biases added."""
     target = (1 - ratio) * shape.parameters()
     biased = shape.with_(attention_bias=True, mlp_bias=True)
-    found = []
-    for groups in range(1, shape.kv_heads + 1):
-        trial = biased.with_(kv_heads=groups, heads=groups * shape.group)
-        ffn = _ffn_for(trial, target, quantum)
-        if ffn <= shape.ffn and abs(trial.with_(ffn=ffn).parameters() - target) <= 0.05 * shape.parameters():
-            found.append(trial.with_(ffn=ffn))
+    trials = (biased.with_(kv_heads=g, heads=g * shape.group) for g in range(1, shape.kv_heads + 1))
+    found = at_budget(trials, target, quantum,
+                      lambda s: s.ffn <= shape.ffn and abs(s.parameters() - target) <= 0.05 * shape.parameters())
     if not found:
         raise PrunectlError(
             f"prune.ratio: {ratio} is infeasible for flap on this parent: no number of KV groups (1..{shape.kv_heads}) "
