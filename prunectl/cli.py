@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import click
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -131,14 +132,24 @@ ArrayOpt = Annotated[Optional[str], typer.Option("--array", help="key=v1,v2,...:
 DryRun = Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and batch script; write nothing")]
 Wait = Annotated[bool, typer.Option("--wait", help="follow a Slurm job until it ends (local and debug always do)")]
 New = Annotated[bool, typer.Option("--new", help="always start a new version instead of resuming an interrupted one")]
+Sweep = Annotated[Optional[str], typer.Option(
+    "--sweep", help="lr: submit the recipe's LR-sweep prefix runs as one job array (a later plain run uses the winner)")]
 
 
 @app.command()
 def pretrain(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt = "local", profile: Profile = None,
              runs_dir: RunsDir = None, array: ArrayOpt = None, dry_run: DryRun = False, wait: Wait = False,
-             new: New = False) -> None:
-    """Train a Llama from scratch on the recipe's data ranges with DeepSpeed ZeRO."""
-    _run_stage("pretrain", recipe, overrides, executor, profile, runs_dir, array, dry_run, wait, new)
+             new: New = False, sweep: Sweep = None) -> None:
+    """Train a Llama from scratch on the recipe's data ranges (or a prune run's architecture, `like:`) with DeepSpeed ZeRO."""
+    _run_stage("pretrain", recipe, overrides, executor, profile, runs_dir, array, dry_run, wait, new, sweep)
+
+
+@app.command()
+def retrain(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt = "local", profile: Profile = None,
+            runs_dir: RunsDir = None, array: ArrayOpt = None, dry_run: DryRun = False, wait: Wait = False,
+            new: New = False, sweep: Sweep = None) -> None:
+    """Retrain a pruned run for a token budget: sparse masks held, optional distillation from its parent."""
+    _run_stage("retrain", recipe, overrides, executor, profile, runs_dir, array, dry_run, wait, new, sweep)
 
 
 @app.command()
@@ -150,24 +161,42 @@ def prune(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
 
 
 def _run_stage(stage: str, recipe: str, overrides, executor: str, profile, runs_dir, array, dry_run: bool, wait: bool,
-               new: bool) -> None:
+               new: bool, sweep: str | None = None) -> None:
     """resolve -> check inputs -> allocate versions -> submit (one job, or one array) -> follow."""
     from . import launch
+    from . import sweep as sweeps
 
     if executor not in ("slurm", "local", "debug"):
         raise PrunectlError(f"--executor: '{executor}' is not one of slurm, local, debug")
-    variants = [list(overrides or [])]
+    if sweep is not None and sweep != "lr":
+        raise PrunectlError(f"--sweep: '{sweep}' is not a sweep prunectl runs; the one it runs is --sweep lr")
+    if sweep and array:
+        raise PrunectlError("--sweep and --array each submit one job array; give one of them")
+    base = list(overrides or [])
+    variants = [base]
     if array is not None:
         key, sep, values = array.partition("=")
         if not sep or not key or not values:
             raise PrunectlError(f"--array: '{array}' is not key=v1,v2,... e.g. --array train.seed=0,1,2")
-        variants = [[*variants[0], f"{key}={v}"] for v in values.split(",")]
-    resolved = [recipes.resolve(recipe, v) for v in variants]
-    r = resolved[0]
+        variants = [[*base, f"{key}={v}"] for v in values.split(",")]
+    r = recipes.resolve(recipe, base)
     if r.stage != stage:
         raise PrunectlError(f"{recipe}: is a {r.stage} recipe; `{stage}` takes a recipe with stage: {stage}")
+    choice, sweep_cfg = None, getattr(r, "sweep", None)
+    if sweep:
+        if r.sweep is None:
+            raise PrunectlError(f"--sweep lr: {r.name} has no sweep section (sweep: {{lrs: [...], prefix_tokens: N}})")
+        variants = [[*base, *sweeps.prefix_overrides(r.name, r.sweep, lr)] for lr in r.sweep.lrs]
+        array = "sweep"
+    elif getattr(r, "sweep", None) is not None and not dry_run:
+        choice = sweeps.choose(store.runs_root(runs_dir), recipe, base, r)
+        variants = [[*v, f"optimizer.lr={choice.chosen_lr!r}"] for v in variants]
+    resolved = [recipes.resolve(recipe, v) for v in variants]
+    r = resolved[0]
     root = store.runs_root(runs_dir)
     res = launch.resources(r.launch, profile)
+    if sweep and sweep_cfg.parallelism:
+        res = res.model_copy(update={"array_parallelism": sweep_cfg.parallelism})
     inputs = [_CHECKS[stage](root, each, res) for each in resolved]
 
     if dry_run:
@@ -190,10 +219,12 @@ def _run_stage(stage: str, recipe: str, overrides, executor: str, profile, runs_
             run = store.allocate(root, each.name)
             fresh.append(run)
             (run.dir / "recipe.yaml").write_text(recipes.dump(each))
-            run.write_manifest(store.Manifest(name=each.name, version=run.version, stage=stage, inputs=ins,
-                                              executor=executor))
+            manifest = store.Manifest(name=each.name, version=run.version, stage=stage, inputs=ins, executor=executor)
+            if choice is not None:
+                manifest = manifest.model_copy(update={"lr_sweep": choice.model_dump()})
+            run.write_manifest(manifest)
         else:
-            console.print(f"resuming {run.ref}" + (" from its newest complete checkpoint" if stage == "pretrain" else ""))
+            console.print(f"resuming {run.ref}" + (" from its newest complete checkpoint" if stage != "prune" else ""))
             run.update(executor=executor, status="pending", finished=None)
         runs.append(run)
     try:
@@ -210,39 +241,31 @@ def _run_stage(stage: str, recipe: str, overrides, executor: str, profile, runs_
         if str(job.job_id) not in manifest.job_ids:
             run.update(job_ids=[*manifest.job_ids, str(job.job_id)])
         console.print(f"submitted {run.ref} as job {job.job_id} ({executor}); run directory {run.dir}")
+    if choice is not None:
+        console.print(f"peak LR {choice.chosen_lr:g}, the lowest training loss of {r.name}'s sweep "
+                      f"({', '.join(f'{lr}: {loss:.4f}' for lr, loss in choice.final_train_loss.items())})")
     if executor != "slurm" or wait:
         failed = [run for run, job in zip(runs, jobs) if not _follow(run, job)]
+        if sweep and not failed:
+            chosen = sweeps.choose(root, recipe, base, recipes.resolve(recipe, base))
+            _print_sweep(chosen)
         if failed:
             raise typer.Exit(1)
 
 
-def _check_pretrain(root: Path, r, res) -> dict[str, str]:
-    """Everything that would stop the job, found before anything is written; all problems at once."""
-    problems = []
-    if r.train.global_batch % (r.train.micro_batch * res.world):
-        problems.append(f"train.global_batch: {r.train.global_batch} is not a multiple of micro_batch x ranks "
-                        f"= {r.train.micro_batch} x {res.world}")
-    data_run = None
-    try:
-        data_run = store.resolve(root, r.data)
-    except PrunectlError as err:
-        problems.append(f"data: {err.problems[0]}; prepare it with `prunectl data prepare <its recipe>`")
-    if data_run is not None:
-        meta = json.loads((data_run.dir / "data.json").read_text())
-        missing = [n for n in [*r.train.data_ranges, r.train.eval_range] if n not in meta["ranges"]]
-        if missing:
-            problems.append(f"train.data_ranges: {data_run.ref} has no range {', '.join(missing)} "
-                            f"(it has {', '.join(meta['ranges'])})")
-        vocab = meta["tokenizer"]["vocab_size"]
-        if r.model.vocab is not None and r.model.vocab < vocab:
-            problems.append(f"model.vocab: {r.model.vocab} is smaller than the tokenizer's {vocab}")
-    if problems:
-        raise PrunectlError(*problems)
-    return {"data": data_run.ref}
+def _print_sweep(choice) -> None:
+    from . import sweep as sweeps
+
+    table = Table("peak lr", "prefix run", "train loss at prefix end", "", box=None,
+                  title=f"LR sweep over {choice.prefix_tokens:,}-token prefixes")
+    for row in sweeps.describe(choice):
+        table.add_row(row["lr"], row["run"], f"{row['final_train_loss']:.4f}", "[green]chosen" if row["chosen"] else "")
+    console.print(table)
 
 
 def _check_prune(root: Path, r, res) -> dict[str, str]:
     """Parent, data, calibration size and ratio feasibility, checked before anything is written."""
+    from .model import locate
     from .prune import stage as prune_stage
     from .prune.surgery import Shape
 
@@ -250,8 +273,7 @@ def _check_prune(root: Path, r, res) -> dict[str, str]:
     inputs: dict[str, str] = {}
     parent_dir = None
     try:
-        parent_dir = prune_stage.parent_model_dir(root, r.parent)
-        inputs["parent"] = str(parent_dir.resolve()) if Path(r.parent).expanduser().is_dir() else store.resolve(root, r.parent).ref
+        parent_dir, inputs["parent"] = locate(root, r.parent)
     except PrunectlError as err:
         problems.append(f"parent: {err.problems[0]}; pretrain it first or point at a Hugging Face model directory")
     data_ref = r.data
@@ -319,7 +341,19 @@ def _check_prune(root: Path, r, res) -> dict[str, str]:
     return inputs
 
 
-_CHECKS = {"pretrain": _check_pretrain, "prune": _check_prune}
+def _check_pretrain(root: Path, r, res) -> dict[str, str]:
+    from .retrain import check_pretrain
+
+    return check_pretrain(root, r, res)
+
+
+def _check_retrain(root: Path, r, res) -> dict[str, str]:
+    from .retrain import check_retrain
+
+    return check_retrain(root, r, res)
+
+
+_CHECKS = {"pretrain": _check_pretrain, "prune": _check_prune, "retrain": _check_retrain}
 
 
 def _resumable(root: Path, r, new: bool) -> store.Run | None:
@@ -347,11 +381,13 @@ def _alive(manifest: store.Manifest) -> bool:
 
 
 def _job_over(job) -> bool:
-    """submitit's done() waits for a result file a cancelled Slurm job never writes; squeue settles it."""
-    if job.done():
-        return True
+    """Local jobs: submitit knows. Slurm jobs: the result file, else squeue (submitit's done() polls sacct,
+    which clusters without accounting answer with an error on stderr, and it waits forever for the result
+    file of a cancelled job)."""
     if type(job).__name__ != "SlurmJob":
-        return False
+        return job.done()
+    if job.paths.result_pickle.exists():
+        return True
     from . import launch
 
     for _ in range(3):  # a requeued job is briefly absent between its two lives
@@ -389,9 +425,12 @@ def _follow(run: store.Run, job) -> bool:
         return True
     if manifest and manifest.status == "complete":
         summary = manifest.summary
-        console.print(f"[green]complete[/] {run.ref}: {summary.get('tokens', 0):,} tokens, held-out loss "
-                      f"{summary.get('final_val_loss', float('nan')):.4f} (unigram entropy "
-                      f"{summary.get('unigram_entropy_nats', float('nan')):.4f}); model in {run.final}")
+        where = f"model in {run.final}" if run.final.exists() else "prefix run: no model kept"
+        sparse = f", masked weights all zero (sparsity {summary['mask_sparsity']:.1%})" if "mask_sparsity" in summary else ""
+        console.print(f"[green]complete[/] {run.ref}: {summary.get('tokens', 0):,} tokens, train loss "
+                      f"{summary.get('final_train_loss') or float('nan'):.4f}, held-out loss "
+                      f"{summary.get('final_val_loss') or float('nan'):.4f} (unigram entropy "
+                      f"{summary.get('unigram_entropy_nats', float('nan')):.4f}){sparse}; {where}")
         return True
     logs = sorted((run.dir / "logs").glob("*_0_log.err"))
     note = manifest.note if manifest else "no manifest"
@@ -409,8 +448,9 @@ def status(
     recipe: Annotated[Optional[str], typer.Argument(help="recipe name or file; default: every run")] = None,
     runs_dir: RunsDir = None,
 ) -> None:
-    """Versions with stage, status, job id and Slurm state, tokens and creation time."""
+    """Versions with stage, status, job id and Slurm state, tokens, peak LR (and where it came from), creation time."""
     from . import launch
+    from .sweep import sweep_name
 
     root = store.runs_root(runs_dir)
     if recipe is None:
@@ -419,7 +459,9 @@ def status(
         names = [recipes.resolve(recipe).name if recipe.endswith((".yaml", ".yml")) or "/" in recipe else recipe]
         if not store.versions(root, names[0]):
             raise PrunectlError(f"{recipe}: no runs under {root}")
-    table = Table("run", "stage", "status", "job", "slurm", "tokens", "created", "note", box=None)
+        if store.versions(root, sweep_name(names[0])):
+            names.append(sweep_name(names[0]))
+    table = Table("run", "stage", "status", "job", "slurm", "tokens", "lr", "created", "note", box=None)
     for name in names:
         for run in store.versions(root, name):
             m = run.manifest()
@@ -434,8 +476,23 @@ def status(
             color = {"complete": "green", "failed": "red"}.get(m.status, "yellow")
             tokens = m.data.tokens if m.data else m.summary.get("tokens")
             table.add_row(run.ref, m.stage, f"[{color}]{state}", job, slurm or "", f"{tokens:,}" if tokens else "",
-                          m.created.replace("T", " ")[:19], m.note or "")
+                          _lr_cell(run, m), m.created.replace("T", " ")[:19], m.note or "")
     console.print(table)
+
+
+def _lr_cell(run: store.Run, m: store.Manifest) -> str:
+    """A training run's peak LR: 'by sweep' when a sweep chose it, the prefix loss for a sweep's own runs."""
+    if m.stage not in ("pretrain", "retrain"):
+        return ""
+    sweep = getattr(m, "lr_sweep", None)
+    if sweep:
+        return f"{sweep['chosen_lr']:g} (by sweep)"
+    try:
+        lr = yaml.safe_load((run.dir / "recipe.yaml").read_text())["optimizer"]["lr"]
+    except (OSError, KeyError, TypeError):
+        return ""
+    loss = m.summary.get("final_train_loss")
+    return f"{lr:g} (prefix loss {loss:.4f})" if m.summary.get("steps") and run.name.endswith("-lrsweep") and loss else f"{lr:g}"
 
 
 def main() -> None:

@@ -312,6 +312,14 @@ class TokenRange:
     def __len__(self) -> int:
         return self.end - self.start
 
+    def first(self, tokens: int | None) -> TokenRange:
+        """Its first `tokens` tokens (all of it for None)."""
+        if tokens is None:
+            return self
+        if tokens > len(self):
+            raise PrunectlError(f"train.range_tokens: {tokens:,} tokens asked of range '{self.name}', which holds {len(self):,}")
+        return TokenRange(self.name, self.start, self.start + tokens)
+
 
 class TokenStream:
     """Read-only view of a prepared data run's token shards."""

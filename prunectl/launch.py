@@ -96,7 +96,7 @@ class StageJob:
 
     def __call__(self) -> Any:
         os.environ.setdefault("PRUNECTL_THREADS", str(self.threads))
-        if self.stage == "pretrain":
+        if self.stage in ("pretrain", "retrain"):
             from .train import train
 
             return train(Path(self.run_dir))

@@ -91,3 +91,20 @@ def save(model: LlamaForCausalLM, state_dict: dict[str, Any] | None, tokenizer, 
     """config.json + model.safetensors + tokenizer, loadable by AutoModelForCausalLM.from_pretrained."""
     model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
+
+
+def locate(root: Path, ref: str) -> tuple[Path, str]:
+    """A model to read, and how a manifest records it: a complete run's final/ (name@vNNN), or a local
+    Hugging Face directory (its absolute path), as for the paper's variant pruned from Meta's checkpoint."""
+    from . import store
+    from .errors import PrunectlError
+
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise PrunectlError(f"{path} is a directory without config.json; give a Hugging Face model directory")
+        return path, str(path.resolve())
+    run = store.resolve(root, ref)
+    if not (run.final / "config.json").exists():
+        raise PrunectlError(f"{run.ref} has no final model (an LR sweep's prefix run keeps none)")
+    return run.final, run.ref

@@ -13,12 +13,14 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from .data import DataConfig
+from .distill import DistillConfig
 from .errors import PrunectlError
 from .launch import LaunchConfig
 from .model import ModelConfig
 from .prune.calibration import CalibrationConfig
 from .prune.stage import HeldOutConfig, PruneConfig
 from .schema import Strict
+from .sweep import LRSweepConfig
 from .train import OptimizerConfig, TrainConfig
 
 RECIPES_ENV = "PRUNECTL_RECIPES"
@@ -49,30 +51,49 @@ class DataRecipe(Strict):
 
 
 class PretrainRecipe(Strict):
-    """`prunectl pretrain`: train a Llama from random initialisation on named data ranges."""
+    """`prunectl pretrain`: train a Llama from random initialisation on named data ranges.
+
+    With `like: <prune run>` it is a scratch twin: the pruned architecture (and, for a sparse prune
+    run, its mask with the surviving weights drawn afresh, held through training). `twin: N` is S_N,
+    on data the parent never saw; `twin: total` is S_total, on the parent's ranges plus the retrain ones.
+    """
 
     name: str
     stage: Literal["pretrain"]
     description: str = ""
     data: str = Field(description="prepared data run, as name, name@latest or name@vNNN")
-    model: ModelConfig
+    model: ModelConfig | None = Field(None, description="the architecture; omit it when `like` names a prune run")
+    like: str | None = Field(None, description="prune run name@version whose architecture (and sparse mask) to train from scratch")
+    twin: Literal["N", "total"] = Field("N", description="with like: S_N (unseen data only) or S_total (parent's data too)")
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig
+    sweep: LRSweepConfig | None = Field(None, description="peak-LR sweep (`--sweep lr`); its winner replaces optimizer.lr")
     launch: LaunchConfig = LaunchConfig()
 
     @model_validator(mode="after")
-    def _budget_fits_one_step(self) -> PretrainRecipe:
-        step_tokens = self.train.global_batch * self.train.seq_len
-        if self.train.tokens < step_tokens:
-            raise ValueError(
-                f"train.tokens={self.train.tokens} is less than one optimizer step "
-                f"(global_batch x seq_len = {step_tokens}); raise train.tokens"
-            )
-        if self.train.seq_len > self.model.max_position:
+    def _architecture(self) -> PretrainRecipe:
+        if (self.model is None) == (self.like is None):
+            raise ValueError("give exactly one of model (an architecture) or like (a prune run to copy it from)")
+        if self.model is not None and self.train.seq_len > self.model.max_position:
             raise ValueError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_position={self.model.max_position}"
             )
         return self
+
+
+class RetrainRecipe(Strict):
+    """`prunectl retrain`: continue training a pruned (or any complete) run on a named data range (R_N in P-R_N)."""
+
+    name: str
+    stage: Literal["retrain"]
+    description: str = ""
+    init: str = Field(description="run to initialise from, name@latest or name@vNNN (normally a prune run)")
+    data: str | None = Field(None, description="prepared data run; default: the one the init run used")
+    distill: DistillConfig | None = Field(None, description="knowledge distillation from a frozen teacher")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig
+    sweep: LRSweepConfig | None = Field(None, description="peak-LR sweep (`--sweep lr`); its winner replaces optimizer.lr")
+    launch: LaunchConfig = LaunchConfig()
 
 
 class PruneRecipe(Strict):
@@ -99,9 +120,15 @@ class PruneRecipe(Strict):
         return self
 
 
-Recipe = Annotated[Union[DataRecipe, PretrainRecipe, PruneRecipe], Field(discriminator="stage")]
+Recipe = Annotated[Union[DataRecipe, PretrainRecipe, PruneRecipe, RetrainRecipe], Field(discriminator="stage")]
 _RECIPE = TypeAdapter(Recipe)
-_BY_STAGE: dict[str, type[Strict]] = {"data": DataRecipe, "pretrain": PretrainRecipe, "prune": PruneRecipe}
+_BY_STAGE: dict[str, type[Strict]] = {"data": DataRecipe, "pretrain": PretrainRecipe, "prune": PruneRecipe,
+                                      "retrain": RetrainRecipe}
+
+
+def load_run_recipe(run_dir: Path) -> Recipe:
+    """The resolved recipe a run directory stores (written by the CLI before submission)."""
+    return _RECIPE.validate_python(yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text()))
 
 
 def recipes_root() -> Path:

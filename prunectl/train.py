@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
 from .schema import Strict
@@ -40,7 +39,11 @@ class OptimizerConfig(Strict):
 
 class TrainConfig(Strict):
     tokens: int = Field(gt=0, description="token budget; the run stops after floor(tokens / (global_batch x seq_len)) steps")
+    prefix_tokens: int | None = Field(
+        None, gt=0, description="stop after this many tokens on the full budget's LR schedule (LR-sweep prefix runs)")
     data_ranges: list[str] = Field(default_factory=lambda: ["pretrain"], min_length=1)
+    range_tokens: dict[str, int] = Field(
+        default_factory=dict, description="use only the first N tokens of a range (S_total: what the parent and retrain read)")
     seq_len: int = Field(256, ge=2)
     global_batch: int = Field(16, ge=1, description="sequences per optimizer step, over all ranks")
     micro_batch: int = Field(16, ge=1, description="sequences per forward pass on one rank")
@@ -58,7 +61,27 @@ class TrainConfig(Strict):
     def _batches(self) -> TrainConfig:
         if self.global_batch % self.micro_batch:
             raise ValueError(f"global_batch={self.global_batch} must be a multiple of micro_batch={self.micro_batch}")
+        step = self.global_batch * self.seq_len
+        for key in ("tokens", "prefix_tokens"):
+            if getattr(self, key) is not None and getattr(self, key) < step:
+                raise ValueError(f"{key}={getattr(self, key)} is less than one optimizer step "
+                                 f"(global_batch x seq_len = {step}); raise it")
+        unknown = [name for name in self.range_tokens if name not in self.data_ranges]
+        if unknown:
+            raise ValueError(f"range_tokens names {', '.join(unknown)}, not in data_ranges {self.data_ranges}")
+        if self.prefix_tokens is not None and self.prefix_tokens > self.tokens:
+            raise ValueError(f"prefix_tokens={self.prefix_tokens} exceeds the budget tokens={self.tokens}")
         return self
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps of the full budget (the LR schedule's length)."""
+        return self.tokens // (self.global_batch * self.seq_len)
+
+    @property
+    def run_steps(self) -> int:
+        """Steps this run trains: the full budget, or its prefix."""
+        return (self.prefix_tokens or self.tokens) // (self.global_batch * self.seq_len)
 
 
 def lr_factor(step: int, total: int, opt: OptimizerConfig) -> float:
@@ -160,7 +183,8 @@ def _latest_checkpoint(folder: Path) -> dict[str, Any] | None:
 class Objective:
     """What one training run optimises. Pretraining: next-token loss of a freshly initialised Llama.
 
-    Other stages (Sheared-LLaMA mask learning, retraining) subclass it and reuse the loop unchanged.
+    Other stages (Sheared-LLaMA mask learning, retraining, scratch twins) subclass it and reuse the
+    loop unchanged.
     """
 
     def __init__(self, model_config=None) -> None:
@@ -178,9 +202,9 @@ class Objective:
         return module.parameters()
 
     def loss(self, engine, x, step: int):
-        """(loss to minimise, LM loss reported as `loss`)."""
+        """(loss to minimise, {name: term} logged as window means; `loss` is the next-token loss)."""
         loss = engine(input_ids=x, labels=x).loss
-        return loss, loss
+        return loss, {"loss": loss}
 
     def metrics(self, module) -> dict[str, Any]:
         return {}
@@ -189,25 +213,42 @@ class Objective:
         """The LlamaForCausalLM inside `module`, for held-out loss and saving."""
         return module
 
+    def finish(self, state: dict[str, Any], final: Path) -> dict[str, Any]:
+        """Rank 0, before the model is saved into `final` (staging): checks, extra files, summary entries."""
+        return {}
+
 
 def train(run_dir: Path) -> dict[str, Any]:
-    """Run (or resume) the pretraining described by run_dir/recipe.yaml; returns the summary."""
+    """Run (or resume) the pretrain or retrain run in run_dir; returns the summary.
+
+    A sweep's prefix run keeps only its metrics and summary: its model is never used."""
     from . import model as models
     from . import store
-    from .recipe import PretrainRecipe
+    from .recipe import load_run_recipe
+    from .retrain import objective_for
 
     run_dir = Path(run_dir)
-    recipe = PretrainRecipe.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+    recipe = load_run_recipe(run_dir)
     run = store.Run(run_dir.parent.parent, run_dir.parent.name, int(run_dir.name[1:]))
-    result = fit(run, recipe.train, recipe.optimizer, Objective(recipe.model), run.manifest().inputs["data"])
+    inputs = run.manifest().inputs
+    objective = objective_for(run.root, recipe, inputs)
+    result = fit(run, recipe.train, recipe.optimizer, objective, inputs["data"])
     summary: dict[str, Any] = {}
     if result.rank == 0:
-        staging = run_dir / "final.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        models.save(result.module, result.state, result.tokenizer, staging)
-        store.publish_dir(staging, run.final)
-        summary = {**run.manifest().summary, **result.summary}
-        store.mark_complete(run, summary=summary, note=None)
+        try:
+            summary = {**run.manifest().summary, **result.summary}
+            if recipe.train.prefix_tokens is None:
+                staging = run_dir / "final.partial"
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir()
+                summary.update(objective.finish(result.state, staging))
+                # save_pretrained may drop entries from the dict it is given (shared tensors): hand it a copy
+                models.save(objective.language_model(result.module), dict(result.state), result.tokenizer, staging)
+                store.publish_dir(staging, run.final)
+            store.mark_complete(run, summary=summary, note=None)
+        except BaseException as err:
+            run.update(status="failed", finished=store.now(), note=f"{type(err).__name__}: {err}".splitlines()[0][:500])
+            raise
     result.barrier()
     return summary
 
@@ -253,8 +294,9 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
         device = env.device
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
         tokens_per_step = cfg.global_batch * cfg.seq_len
-        total_steps = cfg.tokens // tokens_per_step
-        plan = SequencePlan([stream.range(r) for r in cfg.data_ranges], cfg.seq_len, total_steps * cfg.global_batch, cfg.seed)
+        schedule_steps, total_steps = cfg.steps, cfg.run_steps  # equal unless this is a sweep's prefix run
+        ranges = [stream.range(r).first(cfg.range_tokens.get(r)) for r in cfg.data_ranges]
+        plan = SequencePlan(ranges, cfg.seq_len, total_steps * cfg.global_batch, cfg.seed)
         val_starts = validation_starts(stream, cfg.eval_range, cfg.seq_len, cfg.eval_tokens)
 
         net = objective.build(tokenizer, stream.vocab_size, cfg.seed)
@@ -264,7 +306,7 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
             model=net,
             model_parameters=objective.parameters(net),
             config=ds_config,
-            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, total_steps, opt)),
+            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, schedule_steps, opt)),
         )
 
         ckpt_dir = run_dir / "checkpoints"
@@ -292,7 +334,7 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
                     seq_len=cfg.seq_len,
                     sequences=plan.sequences,
                     tokens=plan.sequences * cfg.seq_len,
-                    budget_tokens=cfg.tokens,
+                    budget_tokens=cfg.prefix_tokens or cfg.tokens,
                     epochs=plan.epochs,
                     seed=cfg.seed,
                     intervals=[store.TokenInterval(range=r.name, start=r.start, end=r.end) for r in plan.intervals()],
@@ -334,41 +376,43 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
                 dist.barrier()
 
         engine.train()
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        val_loss = None
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        val_loss = train_loss = None
         while step < total_steps:
             first = step * cfg.global_batch + env.rank * per_rank
             starts = plan.starts(first, per_rank)
-            step_loss = 0.0
             for m in range(micro_steps):
                 x = torch.from_numpy(batch(stream, starts[m * cfg.micro_batch : (m + 1) * cfg.micro_batch], cfg.seq_len))
                 x = x.to(device, non_blocking=True)
-                loss, lm_loss = objective.loss(engine, x, step)
+                loss, terms = objective.loss(engine, x, step)
                 engine.backward(loss)
                 engine.step()
-                step_loss += lm_loss.item() / micro_steps
+                for key, value in terms.items():
+                    window[key] = window.get(key, 0.0) + value.item() / micro_steps
             step += 1
-            window_loss += step_loss
             window_steps += 1
 
             if step % cfg.log_every == 0 or step == total_steps:
-                mean = torch.tensor([window_loss / window_steps], device=device)
+                means = torch.tensor([v / window_steps for v in window.values()], device=device)
                 if env.world > 1:
-                    dist.all_reduce(mean)
-                    mean /= env.world
+                    dist.all_reduce(means)
+                    means /= env.world
+                terms = dict(zip(window, means.tolist()))
+                train_loss = terms["loss"]
                 elapsed = time.perf_counter() - window_start
                 grad_norm = engine.get_global_grad_norm()
                 if reporter:
                     reporter.log({
                         "step": step,
                         "tokens": step * tokens_per_step,
-                        "loss": float(mean),
+                        **terms,
                         "lr": float(scheduler.get_last_lr()[0]),
                         "grad_norm": float(grad_norm) if grad_norm is not None else None,
                         "tokens_per_s": window_steps * tokens_per_step / elapsed,
                         **objective.metrics(engine.module),
                     })
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                window, window_steps, window_start = {}, 0, time.perf_counter()
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
                 val_loss = held_out_loss()
                 if reporter:
@@ -388,6 +432,7 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
                 state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
         summary = {
             "tokens": step * tokens_per_step,
+            "final_train_loss": train_loss,  # mean over the last log window: what an LR sweep compares
             "final_val_loss": val_loss,
             "unigram_entropy_nats": stream.meta["unigram_entropy_nats"],
         }

@@ -87,3 +87,4 @@ def fresh_runs(workspace, tmp_path) -> dict:
 
 
 from .prune_fixture import pruned  # noqa: E402,F401  (one session-wide instance for every test module)
+from .retrain_fixture import study  # noqa: E402,F401

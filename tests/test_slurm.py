@@ -95,3 +95,56 @@ def test_prune_through_slurm_and_a_ratio_sweep_as_one_array(pruned, workspace):
         assert m["status"] == "complete" and "_" in m["job_ids"][0]  # array task ids: <job>_<index>
         layers.append(m["summary"]["architecture"]["after"]["layers"])
     assert layers[0] > layers[1]  # the smaller ratio keeps more layers
+
+
+def test_distilled_sparse_retrain_through_slurm_survives_preemption(study):
+    runs, env = study["runs"], study["env"]
+    (study["recipes"] / "retrain-kd-slurm.yaml").write_text(
+        "extends: _retrain.yaml\nname: test-retrain-kd-slurm\ninit: test-prune-sparsegpt-24@latest\n"
+        "distill: {alpha: 0.5, temperature: 2.0}\ntrain: {tokens: 131072, checkpoint_every: 1000}\n")
+    prunectl("retrain", "test-retrain-kd-slurm", *SLURM, env=env)
+    run_dir = runs / "test-retrain-kd-slurm" / "v001"
+    job_id = manifest(runs, "test-retrain-kd-slurm")["job_ids"][0]
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.5)
+    assert metrics.exists(), "training never started"
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and manifest(runs, "test-retrain-kd-slurm")["status"] != "complete":
+        time.sleep(1)
+    m = manifest(runs, "test-retrain-kd-slurm")
+    assert m["status"] == "complete" and m["executor"] == "slurm" and m["job_ids"] == [job_id], m
+    assert m["resumed_from"] and 0 < m["resumed_from"][0] < m["summary"]["steps"]
+    assert m["inputs"]["teacher"] == "test-prune-parent@v001" and m["summary"]["masked_nonzero"] == 0
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert all("kd_loss" in r for r in logged)  # both loss terms recorded
+    assert [r["step"] for r in logged] == sorted({r["step"] for r in logged})
+
+
+def test_lr_sweep_goes_out_as_one_job_array_and_the_winner_is_recorded(study):
+    runs, env = study["runs"], study["env"]
+    (study["recipes"] / "retrain-swept.yaml").write_text(
+        "extends: _retrain.yaml\nname: test-retrain-swept\ninit: test-prune-depth@latest\n"
+        "sweep: {lrs: [1.0e-4, 3.0e-3], prefix_tokens: 8192, parallelism: 2}\n")
+    out = prunectl("retrain", "test-retrain-swept", "--sweep", "lr", *SLURM, "--wait", env=env)
+    prefix = [manifest(runs, "test-retrain-swept-lrsweep", v) for v in (1, 2)]
+    assert all(m["status"] == "complete" and m["data"]["tokens"] == 8192 for m in prefix)
+    array_id = prefix[0]["job_ids"][0].split("_")[0]
+    assert [m["job_ids"][0] for m in prefix] == [f"{array_id}_0", f"{array_id}_1"]  # one real job array
+    losses = {m["summary"]["final_train_loss"]: v for v, m in zip((1e-4, 3e-3), prefix)}
+    best = losses[min(losses)]
+    assert "chosen" in out.stdout
+
+    out = prunectl("retrain", "test-retrain-swept", *SLURM, "--wait", env=env)
+    assert f"peak LR {best:g}" in out.stdout
+    m = manifest(runs, "test-retrain-swept")
+    assert m["status"] == "complete" and m["lr_sweep"]["chosen_lr"] == best
+    assert set(m["lr_sweep"]["runs"].values()) == {"test-retrain-swept-lrsweep@v001", "test-retrain-swept-lrsweep@v002"}
+    import yaml
+
+    assert yaml.safe_load((runs / "test-retrain-swept" / "v001" / "recipe.yaml").read_text())["optimizer"]["lr"] == best
+    status = prunectl("status", "test-retrain-swept", env=env).stdout
+    assert f"{best:g} (by sweep)" in status and "test-retrain-swept-lrsweep@v002" in status

@@ -66,7 +66,7 @@ class MaskObjective(Objective):
 
     def loss(self, engine, x, step: int):
         lm, lagrangian = engine(input_ids=x, labels=x)
-        return lm + lagrangian, lm
+        return lm + lagrangian, {"loss": lm, "lagrangian": lagrangian}
 
     def metrics(self, module) -> dict[str, Any]:
         import torch

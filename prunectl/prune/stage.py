@@ -286,14 +286,9 @@ def check_feasible(cfg: PruneConfig, shape) -> None:
 
 def parent_model_dir(root: Path, parent: str) -> Path:
     """A complete prunectl run's final/ or a local Hugging Face model directory (the paper's 'Meta' variant)."""
-    from .. import store
+    from ..model import locate
 
-    path = Path(parent).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise PrunectlError(f"parent: {path} is a directory without config.json; give a Hugging Face model directory")
-        return path
-    return store.resolve(root, parent).final
+    return locate(root, parent)[0]
 
 
 def _per_layer(masks: dict[str, torch.Tensor]) -> list[dict[str, Any]]:

@@ -1,0 +1,71 @@
+"""Sparse keep-masks (final/masks.safetensors): load, hold fixed through training, verify.
+
+A masked weight stays exactly zero when it starts at zero and never receives a gradient: AdamW's
+moments for it stay zero, so its update is 0 / (0 + eps) = 0, and decoupled weight decay scales
+zero to zero. Masking the gradient before DeepSpeed accumulates it therefore holds the pattern in
+the module and in ZeRO-1/2's fp32 master copy alike, whatever the optimizer state does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import PrunectlError
+
+if TYPE_CHECKING:
+    import torch
+
+FILE = "masks.safetensors"
+
+
+def load(model_dir: Path) -> dict[str, torch.Tensor] | None:
+    """Parameter name -> boolean keep-mask, or None for a dense model."""
+    from safetensors.torch import load_file
+
+    path = Path(model_dir) / FILE
+    return {k: v.bool() for k, v in load_file(str(path)).items()} if path.exists() else None
+
+
+def save(masks: dict[str, torch.Tensor], folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in masks.items()}, str(Path(folder) / FILE), metadata={"kind": "keep-mask"})
+
+
+def hold(model, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the masked weights now and mask their gradients on every backward pass."""
+    import torch
+
+    params = dict(model.named_parameters())
+    for name, keep in masks.items():
+        p = params.get(name)
+        if p is None or p.shape != keep.shape:
+            got = "missing" if p is None else f"shaped {tuple(p.shape)}"
+            raise PrunectlError(f"masks: {name} {tuple(keep.shape)} does not fit the model ({got}); "
+                                "the masks belong to another architecture")
+        owner = model.get_submodule(name.rsplit(".", 1)[0])
+        # A non-persistent buffer follows the module to its device and dtype-casts leave bools alone.
+        owner.register_buffer("keep_mask", keep.clone(), persistent=False)
+        with torch.no_grad():
+            p.masked_fill_(~keep, 0)
+        p.register_hook(lambda grad, owner=owner: grad.masked_fill(~owner.keep_mask, 0))
+
+
+def violations(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> int:
+    """How many masked weights are not exactly zero."""
+    return sum(int((state[name].cpu()[~keep] != 0).sum()) for name, keep in masks.items())
+
+
+def sparsity(masks: dict[str, torch.Tensor]) -> float:
+    return 1 - sum(int(k.sum()) for k in masks.values()) / sum(k.numel() for k in masks.values())
+
+
+def check(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, float | int]:
+    """The sparsity a run ends with; a masked weight that moved is an error, never a silent densification."""
+    bad = violations(state, masks)
+    if bad:
+        raise PrunectlError(f"{bad:,} masked weights are non-zero after training; the sparse pattern was not held")
+    zeros = sum(int((state[name].cpu() == 0).sum()) for name in masks)
+    total = sum(k.numel() for k in masks.values())
+    return {"mask_sparsity": round(sparsity(masks), 6), "masked_nonzero": 0, "masked_linears_zero_fraction": round(zeros / total, 6)}
