@@ -440,6 +440,106 @@ def _follow(run: store.Run, job) -> bool:
     return False
 
 
+# ---------------------------------------------------------------------------- eval
+
+
+@app.command("eval")
+def eval_(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt = "local", profile: Profile = None,
+          runs_dir: RunsDir = None, array: ArrayOpt = None, dry_run: DryRun = False, wait: Wait = False,
+          force: Annotated[bool, typer.Option("--force", help="recompute even if this exact eval is stored")] = False,
+          prefetch: Annotated[bool, typer.Option("--prefetch", help="on a login node: fill the HF cache for this suite")] = False) -> None:
+    """Held-out loss, perplexity and lm-eval zero-shot accuracy of a run's final model, stored with that version."""
+    from . import launch
+    from .evaluate import harness
+    from .evaluate.stage import check, results_path
+
+    if executor not in ("slurm", "local", "debug"):
+        raise PrunectlError(f"--executor: '{executor}' is not one of slurm, local, debug")
+    variants = [list(overrides or [])]
+    if array is not None:
+        key, sep, values = array.partition("=")
+        if not sep or not key or not values:
+            raise PrunectlError(f"--array: '{array}' is not key=v1,v2,... e.g. --array run=tiny-parent,tiny-wanda-50")
+        variants = [[*variants[0], f"{key}={v}"] for v in values.split(",")]
+    resolved = [recipes.resolve(recipe, v) for v in variants]
+    if resolved[0].stage != "eval":
+        raise PrunectlError(f"{recipe}: is a {resolved[0].stage} recipe; `eval` takes a recipe with stage: eval")
+    root = store.runs_root(runs_dir)
+    if prefetch:
+        from datasets import load_dataset
+
+        r = resolved[0]
+        for corpus in r.eval.perplexity:
+            if corpus.dataset:
+                with harness.offline(False):
+                    load_dataset(corpus.dataset, corpus.subset, split=corpus.split, data_files=corpus.files())
+                console.print(f"cached {corpus.dataset} {corpus.subset or ''} {corpus.split}")
+        hub = [t for t in r.eval.zero_shot.tasks if not t.endswith("-continuation")]
+        if hub:
+            harness.prefetch(hub, [Path(p) for p in r.eval.zero_shot.include])
+            console.print(f"cached the data of {', '.join(hub)}")
+        return
+    # lm-eval's task index takes seconds to build: check each distinct task list once
+    targets, checked = [], set()
+    for each in resolved:
+        suite = json.dumps(each.eval.zero_shot.model_dump(), sort_keys=True)
+        targets.append((each, *check(root, each, tasks=suite not in checked)))
+        checked.add(suite)
+    res = launch.resources(resolved[0].launch, profile)
+    todo = []
+    for each, run, _ in targets:
+        path = results_path(run.dir, each.eval)
+        if path.exists() and not force:
+            console.print(f"{run.ref} already has this eval: {path} (--force recomputes)")
+            continue
+        todo.append((each, run, path))
+    if dry_run:
+        for each, run, path in todo:
+            console.rule(f"eval {run.ref} -> {path}")
+            console.print(recipes.dump(each), markup=False, highlight=False)
+        if executor == "slurm":
+            console.print(launch.batch_script(root / "eval-logs", res, resolved[0].name), markup=False, highlight=False)
+        return
+    if not todo:
+        return
+    folder = todo[0][1].dir / "eval" / "logs" if len(todo) == 1 else root / "_eval" / f"{resolved[0].name}-{int(time.time())}"
+    options = [{"cfg_json": each.eval.model_dump_json(), "force": force} for each, _, _ in todo]
+    try:
+        jobs = launch.submit(executor, res, resolved[0].name, "eval", [run.dir for _, run, _ in todo], options, folder)
+    except Exception as err:
+        raise PrunectlError(f"submission failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}") from None
+    for (_, run, _), job in zip(todo, jobs):
+        console.print(f"submitted eval of {run.ref} as job {job.job_id} ({executor}); logs in {folder}")
+    if executor != "slurm" or wait:
+        failed = False
+        for (each, run, path), job in zip(todo, jobs):
+            while not _job_over(job):
+                time.sleep(1)
+            if path.exists():
+                _print_eval(json.loads(path.read_text()), path)
+            else:
+                failed = True
+                logs = sorted(Path(folder).rglob("*_log.err"))
+                err_console.print(f"[red]eval of {run.ref} did not complete[/]" + (f"; log: {logs[-1]}" if logs else ""))
+        if failed:
+            raise typer.Exit(1)
+
+
+def _print_eval(results: dict, path: Path) -> None:
+    table = Table("measure", "value", "± stderr", "N / tokens", "tokens/s", box=None, title=f"{results['run']}  ({path.name})")
+    if "heldout" in results:
+        h = results["heldout"]
+        table.add_row(f"held-out loss ({h['range']})", f"{h['loss']:.4f}", "", f"{h['tokens']:,}", f"{h['tokens_per_s']:,.0f}")
+    for name, p in results.get("perplexity", {}).items():
+        table.add_row(f"perplexity {name}", f"{p['perplexity']:.3f}", "", f"{p['tokens']:,}", f"{p['tokens_per_s']:,.0f}")
+    for task, t in results.get("zero_shot", {}).get("tasks", {}).items():
+        table.add_row(f"{task} ({t['metric']})", f"{t['value']:.4f}", f"{t.get(t['metric'] + '_stderr', float('nan')):.4f}", str(t["n"]), "")
+    avg = results.get("zero_shot", {}).get("average")
+    if avg is not None:
+        table.add_row("average accuracy", f"{avg:.4f}", "", "", "")
+    console.print(table)
+
+
 # ---------------------------------------------------------------------------- status
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from .errors import PrunectlError
+from .evaluate.choice_task import ChoiceTaskConfig
 from .schema import Strict
 
 REQUIRED_RANGES = ("pretrain", "retrain", "validation")
@@ -75,6 +76,8 @@ class DataConfig(Strict):
     doc_chars: int = Field(20_000, ge=100, description="long texts are cut into documents of about this size")
     seed: int = 0
     shard_tokens: int = Field(1 << 24, ge=1024)
+    choice_task: ChoiceTaskConfig | None = Field(
+        ChoiceTaskConfig(), description="a local multiple-choice task built from held-out text (tasks/continuation.jsonl)")
     role: Literal["corpus", "calibration"] = Field(
         "corpus", description="calibration: a set apart from the corpus (WikiText-103, C4 in the paper), tokenized "
                               "with the parent's HF tokenizer; it needs only a calibration range")
@@ -403,6 +406,15 @@ def prepare(config: DataConfig, out: Path, progress=None) -> dict[str, Any]:
         "unigram_entropy_nats": entropy,
         "seed": config.seed,
     }
+    if config.choice_task is not None and config.choice_task.range in dealt:
+        from .evaluate import choice_task
+
+        try:
+            items = choice_task.build(dealt[config.choice_task.range], config.choice_task)
+        except ValueError as err:
+            raise PrunectlError(f"data.choice_task: {err}") from None
+        choice_task.write(items, out / "tasks" / "continuation.jsonl")
+        meta["choice_task"] = {"file": "tasks/continuation.jsonl", "items": len(items), **config.choice_task.model_dump()}
     (out / "data.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 

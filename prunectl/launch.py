@@ -93,6 +93,7 @@ class StageJob:
     stage: str
     run_dir: str
     threads: int
+    options: dict[str, Any] | None = None  # eval: the configuration and --force
 
     def __call__(self) -> Any:
         os.environ.setdefault("PRUNECTL_THREADS", str(self.threads))
@@ -104,6 +105,10 @@ class StageJob:
             from .prune.stage import prune
 
             return prune(Path(self.run_dir))
+        if self.stage == "eval":
+            from .evaluate.stage import run_eval
+
+            return run_eval(Path(self.run_dir), **(self.options or {}))
         raise PrunectlError(f"unknown stage {self.stage}")
 
 
@@ -142,18 +147,32 @@ def make_executor(kind: Executor, folder: Path, res: Resources, name: str):
     return submitit.DebugExecutor(folder=folder)
 
 
-def submit(kind: Executor, res: Resources, name: str, stage: str, run_dirs: list[Path]) -> list:
+def submit(kind: Executor, res: Resources, name: str, stage: str, run_dirs: list[Path],
+           options: list[dict[str, Any]] | None = None, folder: Path | None = None) -> list:
     """One job per run directory; several go out as one job array sharing one submitit folder."""
+    options = options or [None] * len(run_dirs)
+    jobs_of = [StageJob(stage, str(d), res.cpus_per_task, o) for d, o in zip(run_dirs, options)]
     if len(run_dirs) == 1:
-        ex = make_executor(kind, run_dirs[0] / "logs", res, name)
-        return [ex.submit(StageJob(stage, str(run_dirs[0]), res.cpus_per_task))]
-    folder = run_dirs[0].parent / "arrays" / f"{run_dirs[0].name}-{run_dirs[-1].name}"
+        ex = make_executor(kind, folder or run_dirs[0] / "logs", res, name)
+        return [ex.submit(jobs_of[0])]
+    folder = folder or run_dirs[0].parent / "arrays" / f"{run_dirs[0].name}-{run_dirs[-1].name}"
     ex = make_executor(kind, folder, res, name)
-    with ex.batch():
-        jobs = [ex.submit(StageJob(stage, str(d), res.cpus_per_task)) for d in run_dirs]
-    for d in run_dirs:  # each run's logs/ still leads to its logs
-        (d / "logs").mkdir(exist_ok=True)
-        (d / "logs" / "array").symlink_to(folder.resolve(), target_is_directory=True)
+    if kind == "local":
+        # No scheduler here: run as many at once as the cores hold, so threads never oversubscribe them.
+        at_once = max(1, (os.cpu_count() or 1) // (res.cpus_per_task * res.tasks_per_node))
+        jobs = []
+        for i in range(0, len(jobs_of), at_once):
+            wave = [ex.submit(job) for job in jobs_of[i : i + at_once]]
+            for job in wave:
+                job.wait()
+            jobs += wave
+    else:
+        with ex.batch():
+            jobs = [ex.submit(job) for job in jobs_of]
+    if stage != "eval":
+        for d in run_dirs:  # each run's logs/ still leads to its logs
+            (d / "logs").mkdir(exist_ok=True)
+            (d / "logs" / "array").symlink_to(folder.resolve(), target_is_directory=True)
     return jobs
 
 

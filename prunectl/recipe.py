@@ -15,6 +15,7 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from .data import DataConfig
 from .distill import DistillConfig
 from .errors import PrunectlError
+from .evaluate.stage import EvalConfig
 from .launch import LaunchConfig
 from .model import ModelConfig
 from .prune.calibration import CalibrationConfig
@@ -120,10 +121,21 @@ class PruneRecipe(Strict):
         return self
 
 
-Recipe = Annotated[Union[DataRecipe, PretrainRecipe, PruneRecipe, RetrainRecipe], Field(discriminator="stage")]
+class EvalRecipe(Strict):
+    """`prunectl eval`: held-out loss, perplexity and zero-shot accuracy of one complete run's final model."""
+
+    name: str
+    stage: Literal["eval"]
+    description: str = ""
+    run: str = Field(description="the model version to evaluate: name@latest or name@vNNN (override run=..., or --array run=a,b)")
+    eval: EvalConfig = EvalConfig()
+    launch: LaunchConfig = LaunchConfig()
+
+
+Recipe = Annotated[Union[DataRecipe, PretrainRecipe, PruneRecipe, RetrainRecipe, EvalRecipe], Field(discriminator="stage")]
 _RECIPE = TypeAdapter(Recipe)
 _BY_STAGE: dict[str, type[Strict]] = {"data": DataRecipe, "pretrain": PretrainRecipe, "prune": PruneRecipe,
-                                      "retrain": RetrainRecipe}
+                                      "retrain": RetrainRecipe, "eval": EvalRecipe}
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:

@@ -148,3 +148,21 @@ def test_lr_sweep_goes_out_as_one_job_array_and_the_winner_is_recorded(study):
     assert yaml.safe_load((runs / "test-retrain-swept" / "v001" / "recipe.yaml").read_text())["optimizer"]["lr"] == best
     status = prunectl("status", "test-retrain-swept", env=env).stdout
     assert f"{best:g} (by sweep)" in status and "test-retrain-swept-lrsweep@v002" in status
+
+
+def test_eval_of_several_runs_goes_out_as_one_slurm_array(pruned, workspace):
+    import textwrap
+
+    from .test_eval import EVAL
+
+    runs, env = workspace["runs"], workspace["env"]
+    (workspace["recipes"] / "eval.yaml").write_text(textwrap.dedent(EVAL))
+    out = prunectl("eval", "test-eval", "eval.batch_size=4", "--array", "run=test-prune-parent@latest,test-prune-flap@latest",
+                   *SLURM, "--wait", env=env)
+    ids = [line.split(" as job ")[1].split()[0] for line in out.stdout.splitlines() if " as job " in line]
+    assert len(ids) == 2 and ids[0].endswith("_0") and ids[1].endswith("_1")  # one real job array
+    for name in ("test-prune-parent", "test-prune-flap"):
+        found = [json.loads(p.read_text()) for p in (runs / name / "v001" / "eval").glob("*.json")]
+        mine = [r for r in found if r["config"]["batch_size"] == 4]
+        assert len(mine) == 1 and mine[0]["zero_shot"]["tasks"]["test-data-continuation"]["n"] > 0
+        assert mine[0]["heldout"]["tokens"] > 0

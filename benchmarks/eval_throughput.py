@@ -1,0 +1,108 @@
+"""Perplexity throughput: prunectl's batched evaluator against lm-eval's loglikelihood_rolling, same run.
+
+What it measures: tokens scored per second when computing the rolling log-likelihood of the same
+texts with the same model, window length and batch size, by
+
+  lm-eval-1  HFLM(pretrained=model, max_length=M, add_bos_token=False).loglikelihood_rolling at lm-eval's
+             default batch size (1), the path a perplexity task takes unless told otherwise;
+  lm-eval-B  the same at batch size B;
+  prunectl   prunectl.evaluate.perplexity: every text's windows batched together (B per forward), only
+             the scored positions gathered, one fused cross-entropy per batch;
+
+and the ratios prunectl / lm-eval-1 (the target, >= 3 on this CPU) and prunectl / lm-eval-B. All
+sides must give the same total log-likelihood (printed, with the relative difference). Sides rotate
+their order over repeats; medians are reported.
+
+A fp32 forward pass of the model is the floor for every side: the speed-up comes from batching and
+from not doing per-window work in Python, so against lm-eval already batched at B it is small.
+
+The model is the newest complete tiny-parent (`make pretrain-tiny`) or --model DIR; the texts are
+the first --docs documents of the tiny data's validation range, as text.
+
+    .venv/bin/python benchmarks/eval_throughput.py [--model DIR] [--docs 64] [--max-length 256] [--batch 16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--docs", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    from prunectl import recipe as recipes
+    from prunectl import store
+    from prunectl.data import deal_ranges, read_documents
+    from prunectl.evaluate.perplexity import score_windows, text_windows
+
+    torch.set_num_threads(args.threads)
+    model_dir = args.model or store.resolve(store.runs_root(), "tiny-parent@latest").final
+    data = recipes.resolve(str(REPO / "recipes/tiny/data.yaml")).data
+    texts = deal_ranges(read_documents(data), data.ranges, data.seed)["validation"][: args.docs]
+
+    lm = HFLM(pretrained=str(model_dir), device="cpu", batch_size=args.batch, dtype="float32",
+              max_length=args.max_length, add_bos_token=False)
+    lm_default = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, device="cpu", dtype="float32",
+                      max_length=args.max_length, add_bos_token=False)  # batch_size: lm-eval's default
+    model = lm.model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=0) for t in texts]
+    device = torch.device("cpu")
+
+    def lm_eval_side(harness) -> tuple[float, float]:
+        start = time.perf_counter()
+        total = sum(harness.loglikelihood_rolling(requests, disable_tqdm=True))
+        return total, time.perf_counter() - start
+
+    def prunectl_side() -> tuple[float, float]:
+        start = time.perf_counter()
+        windows = [w for t in texts for w in text_windows(tokenizer, [t], args.max_length, None)]
+        total = score_windows(model, windows, args.batch, device).log_likelihood
+        return total, time.perf_counter() - start
+
+    tokens = sum(len(w.targets) for t in texts for w in text_windows(tokenizer, [t], args.max_length, None))
+    print(f"model {model_dir}\n{len(texts)} texts, {tokens:,} tokens scored, windows of {args.max_length}, "
+          f"batch {args.batch}, {args.threads} threads")
+    sides = [("lm-eval-1", lambda: lm_eval_side(lm_default)), (f"lm-eval-{args.batch}", lambda: lm_eval_side(lm)),
+             ("prunectl", prunectl_side)]
+    times: dict[str, list[float]] = {name: [] for name, _ in sides}
+    totals: dict[str, float] = {}
+    for r in range(args.repeats):
+        for name, fn in sides[r % 3 :] + sides[: r % 3]:
+            totals[name], seconds = fn()
+            times[name].append(seconds)
+    print(f"{'side':10s} {'median s':>9s} {'tokens/s':>10s} {'total log-likelihood':>22s} {'rel. diff':>10s}")
+    for name in times:
+        med = statistics.median(times[name])
+        rel = abs(totals[name] - totals["prunectl"]) / abs(totals["prunectl"])
+        print(f"{name:10s} {med:9.2f} {tokens / med:10,.0f} {totals[name]:22.4f} {rel:10.1e}")
+    ours = statistics.median(times["prunectl"])
+    ratio = statistics.median(times["lm-eval-1"]) / ours
+    same = statistics.median(times[f"lm-eval-{args.batch}"]) / ours
+    print(f"speed ratio prunectl / lm-eval at its default batch size: {ratio:.2f}x (target 3x) {'PASS' if ratio >= 3 else 'FAIL'}")
+    print(f"speed ratio prunectl / lm-eval at batch {args.batch}: {same:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""`prunectl eval`: held-out loss, corpus perplexity and zero-shot accuracy, stored with the model version."""
