@@ -173,12 +173,7 @@ def _run_stage(stage: str, recipe: str, overrides, executor: str, profile, runs_
     if sweep and array:
         raise PrunectlError("--sweep and --array each submit one job array; give one of them")
     base = list(overrides or [])
-    variants = [base]
-    if array is not None:
-        key, sep, values = array.partition("=")
-        if not sep or not key or not values:
-            raise PrunectlError(f"--array: '{array}' is not key=v1,v2,... e.g. --array train.seed=0,1,2")
-        variants = [[*base, f"{key}={v}"] for v in values.split(",")]
+    variants = _array_variants(base, array, "train.seed=0,1,2")
     r = recipes.resolve(recipe, base)
     if r.stage != stage:
         raise PrunectlError(f"{recipe}: is a {r.stage} recipe; `{stage}` takes a recipe with stage: {stage}")
@@ -251,6 +246,16 @@ def _run_stage(stage: str, recipe: str, overrides, executor: str, profile, runs_
             _print_sweep(chosen)
         if failed:
             raise typer.Exit(1)
+
+
+def _array_variants(base: list[str], array: str | None, example: str) -> list[list[str]]:
+    """The overrides of each job: one per value of --array key=v1,v2,... (just `base` without it)."""
+    if array is None:
+        return [base]
+    key, sep, values = array.partition("=")
+    if not sep or not key or not values:
+        raise PrunectlError(f"--array: '{array}' is not key=v1,v2,... e.g. --array {example}")
+    return [[*base, f"{key}={v}"] for v in values.split(",")]
 
 
 def _print_sweep(choice) -> None:
@@ -455,12 +460,7 @@ def eval_(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
 
     if executor not in ("slurm", "local", "debug"):
         raise PrunectlError(f"--executor: '{executor}' is not one of slurm, local, debug")
-    variants = [list(overrides or [])]
-    if array is not None:
-        key, sep, values = array.partition("=")
-        if not sep or not key or not values:
-            raise PrunectlError(f"--array: '{array}' is not key=v1,v2,... e.g. --array run=tiny-parent,tiny-wanda-50")
-        variants = [[*variants[0], f"{key}={v}"] for v in values.split(",")]
+    variants = _array_variants(list(overrides or []), array, "run=tiny-parent,tiny-wanda-50")
     resolved = [recipes.resolve(recipe, v) for v in variants]
     if resolved[0].stage != "eval":
         raise PrunectlError(f"{recipe}: is a {resolved[0].stage} recipe; `eval` takes a recipe with stage: eval")
