@@ -63,7 +63,7 @@ def check_tasks(tasks: list[str], include: list[Path], prefetch_hint: str, load:
 
 def load_tasks(manager, tasks: list[str], prefetch_hint: str):
     try:
-        return manager.load(tasks) if hasattr(manager, "load") else manager.load_task_or_group(tasks)
+        return manager.load(tasks)
     except ConnectionError as err:  # datasets raises it when offline mode meets an empty cache
         missing = str(err).split("'")[1] if "'" in str(err) else str(err)
         raise PrunectlError(f"eval.zero_shot.tasks: dataset {missing} is not in the local Hugging Face cache "
@@ -101,9 +101,7 @@ def evaluate(model_dir: Path, tasks: list[str], include: list[Path], batch_size:
             "num_fewshot": num_fewshot, "limit": limit}
 
 
-def prefetch(tasks: list[str], include: list[Path]) -> list[str]:
+def prefetch(tasks: list[str], include: list[Path]) -> None:
     """On a login node (with internet): download every dataset the tasks read into the HF cache."""
     with offline(False):
-        manager = task_manager(include)
-        loaded = manager.load(tasks) if hasattr(manager, "load") else manager.load_task_or_group(tasks)
-    return sorted(loaded) if isinstance(loaded, dict) else list(tasks)
+        task_manager(include).load(tasks)
