@@ -125,6 +125,6 @@ def test_bad_eval_inputs_are_one_clear_error(evaluated, tmp_path):
     assert "'hellaswagg' is not an lm-eval task; did you mean 'hellaswag'?" in err
     empty_cache = {**env, "HF_HOME": str(tmp_path / "empty-hf-home")}
     err = _refused(empty_cache, runs, "eval", "test-eval", "eval.zero_shot.tasks=[piqa]")
-    assert "is not in the local Hugging Face cache" in err and "--prefetch" in err
+    assert "dataset baber/piqa is not in the local Hugging Face cache" in err and "--prefetch" in err
     err = _refused(env, runs, "eval", "test-eval", "eval.perplexity=[{name: leak, data: test-data@latest, range: pretrain}]")
     assert "trained or calibrated on 'pretrain'" in err

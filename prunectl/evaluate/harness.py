@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,8 @@ def load_tasks(manager, tasks: list[str], prefetch_hint: str):
     try:
         return manager.load(tasks)
     except ConnectionError as err:  # datasets raises it when offline mode meets an empty cache
-        missing = str(err).split("'")[1] if "'" in str(err) else str(err)
+        found = re.search(r"reach '([^']+)'", str(err))  # "Couldn't reach 'org/name' on the Hub (...)"
+        missing = found.group(1) if found else "of a task"
         raise PrunectlError(f"eval.zero_shot.tasks: dataset {missing} is not in the local Hugging Face cache "
                             f"(offline mode); fill it on a login node with `{prefetch_hint}`") from None
 
