@@ -58,6 +58,16 @@ def prunectl(*args: str, env: dict[str, str], check: bool = True, timeout: float
     return out
 
 
+def refused(env: dict[str, str], runs: Path, *args: str, written: str = "*/v*") -> str:
+    """A command that must fail as a user mistake: exit 2, `error:` lines only, nothing new under runs/written."""
+    before = sorted(runs.glob(written))
+    out = prunectl(*args, env=env, check=False)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.startswith("error: ")
+    assert sorted(runs.glob(written)) == before  # nothing written
+    return out.stderr
+
+
 def manifest(runs: Path, name: str, version: int = 1) -> dict:
     return json.loads((runs / name / f"v{version:03d}" / "manifest.json").read_text())
 

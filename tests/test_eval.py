@@ -8,8 +8,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from .conftest import manifest, prunectl
+from .conftest import manifest, prunectl, refused
 
+EVAL_FILES = "*/v*/eval/*.json"  # what an eval writes
 EVAL = """
 name: test-eval
 stage: eval
@@ -108,23 +109,14 @@ def test_a_second_identical_eval_is_a_no_op_and_force_recomputes(evaluated):
     assert after["heldout"]["loss"] == pytest.approx(before["heldout"]["loss"], rel=1e-6)  # deterministic
 
 
-def _refused(env, runs, *args) -> str:
-    before = sorted(runs.rglob("eval/*.json"))
-    out = prunectl(*args, env=env, check=False)
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "Traceback" not in out.stderr and out.stderr.startswith("error: ")
-    assert sorted(runs.rglob("eval/*.json")) == before  # nothing written
-    return out.stderr
-
-
 def test_bad_eval_inputs_are_one_clear_error(evaluated, tmp_path):
     runs, env = evaluated["runs"], evaluated["env"]
-    err = _refused(env, runs, "eval", "test-eval", "run=test-nothing@latest")
+    err = refused(env, runs, "eval", "test-eval", "run=test-nothing@latest", written=EVAL_FILES)
     assert err.startswith("error: run: test-nothing@latest: no runs named")
-    err = _refused(env, runs, "eval", "test-eval", "eval.zero_shot.tasks=[hellaswagg]")
+    err = refused(env, runs, "eval", "test-eval", "eval.zero_shot.tasks=[hellaswagg]", written=EVAL_FILES)
     assert "'hellaswagg' is not an lm-eval task; did you mean 'hellaswag'?" in err
     empty_cache = {**env, "HF_HOME": str(tmp_path / "empty-hf-home")}
-    err = _refused(empty_cache, runs, "eval", "test-eval", "eval.zero_shot.tasks=[piqa]")
+    err = refused(empty_cache, runs, "eval", "test-eval", "eval.zero_shot.tasks=[piqa]", written=EVAL_FILES)
     assert "dataset baber/piqa is not in the local Hugging Face cache" in err and "--prefetch" in err
-    err = _refused(env, runs, "eval", "test-eval", "eval.perplexity=[{name: leak, data: test-data@latest, range: pretrain}]")
+    err = refused(env, runs, "eval", "test-eval", "eval.perplexity=[{name: leak, data: test-data@latest, range: pretrain}]", written=EVAL_FILES)
     assert "trained or calibrated on 'pretrain'" in err

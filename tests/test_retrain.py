@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import REPO, manifest, prunectl
+from .conftest import REPO, manifest, prunectl, refused
 
 def _masked_weights_are_zero(run_dir) -> tuple[bool, float]:
     weights = load_file(str(run_dir / "final" / "model.safetensors"))
@@ -100,35 +100,26 @@ def test_distilled_sparse_retrain_resumes_bit_exact_after_sigkill(study, tmp_pat
     assert _masked_weights_are_zero(run_dir)[0]
 
 
-def _refused(env, runs, *args) -> str:
-    before = sorted(runs.glob("*/v*"))
-    out = prunectl(*args, env=env, check=False)
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "Traceback" not in out.stderr and out.stderr.startswith("error: ")
-    assert sorted(runs.glob("*/v*")) == before  # nothing written
-    return out.stderr
-
-
 def test_bad_retrain_and_twin_inputs_are_one_clear_error_each(study, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     runs, env = study["runs"], study["env"]
-    err = _refused(env, runs, "pretrain", "test-twin-depth", "like=test-prune-parent@latest")
+    err = refused(env, runs, "pretrain", "test-twin-depth", "like=test-prune-parent@latest")
     assert "is a pretrain run" in err and "prune run" in err
-    err = _refused(env, runs, "retrain", "test-retrain-depth", "train.data_ranges=[pretrain]")
+    err = refused(env, runs, "retrain", "test-retrain-depth", "train.data_ranges=[pretrain]")
     assert "shares" in err and "test-prune-parent@v001 was pretrained on" in err
-    err = _refused(env, runs, "pretrain", "test-twin-depth", "train.data_ranges=[pretrain]")
+    err = refused(env, runs, "pretrain", "test-twin-depth", "train.data_ranges=[pretrain]")
     assert "shares" in err and "pretrain" in err
     other = tmp_path / "other-vocab"
     LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(other)
-    err = _refused(env, runs, "retrain", "test-retrain-depth", f"distill.teacher={other}")
+    err = refused(env, runs, "retrain", "test-retrain-depth", f"distill.teacher={other}")
     assert "vocabulary (512 entries) differs from the student's (1,024)" in err
-    err = _refused(env, runs, "retrain", "test-retrain-wanda", "train.zero_stage=3")
+    err = refused(env, runs, "retrain", "test-retrain-wanda", "train.zero_stage=3")
     assert "zero_stage" in err and "use zero_stage 1 or 2" in err
-    err = _refused(env, runs, "retrain", "test-retrain-depth", "init=test-prune-nothing@latest")
+    err = refused(env, runs, "retrain", "test-retrain-depth", "init=test-prune-nothing@latest")
     assert err.startswith("error: init: test-prune-nothing@latest: no runs named")
-    err = _refused(env, runs, "retrain", "test-retrain-depth", "--sweep", "lr")
+    err = refused(env, runs, "retrain", "test-retrain-depth", "--sweep", "lr")
     assert "has no sweep section" in err
-    err = _refused(env, runs, "retrain", "test-retrain-depth", "sweep={lrs: [1.0e-3, 3.0e-3], prefix_tokens: 8192}")
+    err = refused(env, runs, "retrain", "test-retrain-depth", "sweep={lrs: [1.0e-3, 3.0e-3], prefix_tokens: 8192}")
     assert "no complete prefix run for lr 0.001, 0.003" in err and "--sweep lr" in err
