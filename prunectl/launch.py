@@ -93,10 +93,20 @@ class StageJob:
     stage: str
     run_dir: str
     threads: int
-    options: dict[str, Any] | None = None  # eval: the configuration and --force
+    options: dict[str, Any] | None = None  # eval: the configuration and --force; a study's node: what to check
 
     def __call__(self) -> Any:
         os.environ.setdefault("PRUNECTL_THREADS", str(self.threads))
+        options = dict(self.options or {})
+        study_node = options.pop("study", None)
+        if self.stage == "compare":
+            from .compare import run_study_compare
+
+            return run_study_compare(Path(self.run_dir), Path(options["study_run"]))
+        if study_node is not None:  # its inputs exist only now: check them before anything runs
+            from .study import check_eval_target, start
+
+            check_eval_target(Path(self.run_dir)) if self.stage == "eval" else start(self.stage, Path(self.run_dir), study_node)
         if self.stage in ("pretrain", "retrain"):
             from .train import train
 
@@ -108,11 +118,11 @@ class StageJob:
         if self.stage == "eval":
             from .evaluate.stage import run_eval
 
-            return run_eval(Path(self.run_dir), **(self.options or {}))
+            return run_eval(Path(self.run_dir), **options)
         raise PrunectlError(f"unknown stage {self.stage}")
 
 
-def make_executor(kind: Executor, folder: Path, res: Resources, name: str):
+def make_executor(kind: Executor, folder: Path, res: Resources, name: str, dependency: str | None = None):
     import submitit
 
     if kind == "slurm":
@@ -127,6 +137,8 @@ def make_executor(kind: Executor, folder: Path, res: Resources, name: str):
             array_parallelism=res.array_parallelism,
             signal_delay_s=90,
         )
+        if dependency:  # a study's later stages: start once their inputs' jobs have ended, then check them
+            params["dependency"] = dependency
         if res.gpus_per_node:
             params["gpus_per_node"] = res.gpus_per_node
         if res.mem_gb:
@@ -148,15 +160,16 @@ def make_executor(kind: Executor, folder: Path, res: Resources, name: str):
 
 
 def submit(kind: Executor, res: Resources, name: str, stage: str, run_dirs: list[Path],
-           options: list[dict[str, Any]] | None = None, folder: Path | None = None) -> list:
+           options: list[dict[str, Any]] | None = None, folder: Path | None = None,
+           dependency: str | None = None) -> list:
     """One job per run directory; several go out as one job array sharing one submitit folder."""
     options = options or [None] * len(run_dirs)
     jobs_of = [StageJob(stage, str(d), res.cpus_per_task, o) for d, o in zip(run_dirs, options)]
     if len(run_dirs) == 1:
-        ex = make_executor(kind, folder or run_dirs[0] / "logs", res, name)
+        ex = make_executor(kind, folder or run_dirs[0] / "logs", res, name, dependency)
         return [ex.submit(jobs_of[0])]
     folder = folder or run_dirs[0].parent / "arrays" / f"{run_dirs[0].name}-{run_dirs[-1].name}"
-    ex = make_executor(kind, folder, res, name)
+    ex = make_executor(kind, folder, res, name, dependency)
     if kind == "local":
         # No scheduler here: run as many at once as the cores hold, so threads never oversubscribe them.
         at_once = max(1, (os.cpu_count() or 1) // (res.cpus_per_task * res.tasks_per_node))
@@ -169,18 +182,21 @@ def submit(kind: Executor, res: Resources, name: str, stage: str, run_dirs: list
     else:
         with ex.batch():
             jobs = [ex.submit(job) for job in jobs_of]
-    if stage != "eval":
+    if stage not in ("eval", "compare"):
         for d in run_dirs:  # each run's logs/ still leads to its logs
             (d / "logs").mkdir(exist_ok=True)
-            (d / "logs" / "array").symlink_to(folder.resolve(), target_is_directory=True)
+            link = d / "logs" / "array"
+            if link.is_symlink():  # resubmitted: point at the newest array
+                link.unlink()
+            link.symlink_to(folder.resolve(), target_is_directory=True)
     return jobs
 
 
-def batch_script(folder: Path, res: Resources, name: str) -> str:
+def batch_script(folder: Path, res: Resources, name: str, dependency: str | None = None) -> str:
     """The sbatch script submitit would submit (for --dry-run), without touching the cluster."""
     from submitit.slurm import slurm
 
-    ex = make_executor("slurm", folder, res, name)
+    ex = make_executor("slurm", folder, res, name, dependency)
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
     return slurm._make_sbatch_string(command=command, folder=folder, **ex.parameters)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -108,3 +109,29 @@ def locate(root: Path, ref: str) -> tuple[Path, str]:
     if not (run.final / "config.json").exists():
         raise PrunectlError(f"{run.ref} has no final model (an LR sweep's prefix run keeps none)")
     return run.final, run.ref
+
+
+def forward_flops(model_dir: Path, seq_len: int = 2048, linear_density: float = 1.0) -> float:
+    """FLOPs of one forward pass over `seq_len` tokens (2 per multiply-add), read from the saved shapes.
+
+    Decoder linears count at `linear_density` (a sparse model's theoretical FLOPs, with the zeroed
+    multiplications skipped); attention adds QK^T and AV per layer at its own (possibly pruned) width;
+    the LM head runs dense. Embedding lookups are free."""
+    from safetensors import safe_open
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    linear = attention = 0
+    lm_head = config["hidden_size"] * config["vocab_size"]
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        if path.name == "masks.safetensors":
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                if ".layers." in name and name.endswith("proj.weight"):
+                    linear += shape[0] * shape[1]
+                    if name.endswith("q_proj.weight"):
+                        attention += 4 * seq_len * seq_len * shape[0]  # QK^T and AV over all heads
+                elif name == "lm_head.weight":
+                    lm_head = shape[0] * shape[1]
+    return 2.0 * seq_len * (linear * linear_density + lm_head) + attention

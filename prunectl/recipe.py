@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from .compare import CompareConfig
 from .data import DataConfig
 from .distill import DistillConfig
 from .errors import PrunectlError
@@ -21,6 +22,7 @@ from .model import ModelConfig
 from .prune.calibration import CalibrationConfig
 from .prune.stage import HeldOutConfig, PruneConfig
 from .schema import Strict
+from .study import StudyMethod
 from .sweep import LRSweepConfig
 from .train import OptimizerConfig, TrainConfig
 
@@ -132,10 +134,47 @@ class EvalRecipe(Strict):
     launch: LaunchConfig = LaunchConfig()
 
 
-Recipe = Annotated[Union[DataRecipe, PretrainRecipe, PruneRecipe, RetrainRecipe, EvalRecipe], Field(discriminator="stage")]
+class CompareRecipe(Strict):
+    """`prunectl compare`: the paper's tables and figures for named P-R_N runs and their twins."""
+
+    name: str
+    stage: Literal["compare"]
+    description: str = ""
+    eval: str | EvalConfig = Field(description="the eval recipe (file or name) whose stored results are compared")
+    compare: CompareConfig
+    launch: LaunchConfig = LaunchConfig()
+
+
+class StudyRecipe(Strict):
+    """`prunectl study`: parent, prune runs, retrains, scratch twins, evals and the compare, in one submission.
+
+    Entries are recipe files relative to this one (or recipe names); the study pins each stage's
+    inputs to the exact versions it runs, whatever `@latest` the stage recipes name."""
+
+    name: str
+    stage: Literal["study"]
+    description: str = ""
+    data: list[str] = Field(default_factory=list, description="data recipes (token stream, calibration sets), "
+                            "prepared on this machine before anything is submitted")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+    parent: str = Field(description="pretrain recipe of the parent")
+    methods: list[StudyMethod] = Field(min_length=1)
+    eval: str = Field(description="eval recipe run on the parent and every P-R_N, S_N and S_total run")
+    perplexity: str | None = Field(None, description="corpus of the summary's perplexity column; default: the eval's first")
+    launch: LaunchConfig = Field(LaunchConfig(tasks_per_node=1, cpus_per_task=1, time_min=30),
+                                 description="the compare job's resources")
+
+
+Recipe = Annotated[Union[DataRecipe, PretrainRecipe, PruneRecipe, RetrainRecipe, EvalRecipe, CompareRecipe, StudyRecipe],
+                   Field(discriminator="stage")]
 _RECIPE = TypeAdapter(Recipe)
 _BY_STAGE: dict[str, type[Strict]] = {"data": DataRecipe, "pretrain": PretrainRecipe, "prune": PruneRecipe,
-                                      "retrain": RetrainRecipe, "eval": EvalRecipe}
+                                      "retrain": RetrainRecipe, "eval": EvalRecipe, "compare": CompareRecipe,
+                                      "study": StudyRecipe}
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:

@@ -166,3 +166,71 @@ def test_eval_of_several_runs_goes_out_as_one_slurm_array(pruned, workspace):
         mine = [r for r in found if r["config"]["batch_size"] == 4]
         assert len(mine) == 1 and mine[0]["zero_shot"]["tasks"]["test-data-continuation"]["n"] > 0
         assert mine[0]["heldout"]["tokens"] > 0
+
+
+STUDY_FILES = {
+    "parent.yaml": "extends: {recipes}/parent.yaml\nname: st-parent\ntrain: {{tokens: 32768}}\nlaunch: {{cpus_per_task: 1}}\n"
+                   "model: {{layers: 4, hidden: 64, heads: 4, kv_heads: 2, ffn: 192, max_position: 256, tie_embeddings: true}}\n",
+    "_prune.yaml": "stage: prune\nparent: st-parent@latest\n"
+                   "calibration: {{range: calibration, samples: 16, seq_len: 64, micro_batch: 16}}\n"
+                   "heldout: {{range: validation, tokens: 8192, seq_len: 64}}\nlaunch: {{cpus_per_task: 1, time_min: 15}}\n",
+    "prune-depth.yaml": "extends: _prune.yaml\nname: st-depth\nprune: {{method: minitron-depth, ratio: 0.5}}\n",
+    "prune-wanda.yaml": "extends: _prune.yaml\nname: st-wanda\nprune: {{method: wanda, ratio: 0.5}}\n",
+    # infeasible on this parent (embeddings are most of it): found when its job starts, and only its branch fails
+    "prune-depth-90.yaml": "extends: _prune.yaml\nname: st-depth-90\nprune: {{method: minitron-depth, ratio: 0.9}}\n",
+    "retrain-depth-90.yaml": "extends: retrain-depth.yaml\nname: st-depth-90-r\ninit: st-depth-90@latest\n",
+    "_train.yaml": "train: {{tokens: 16384, data_ranges: [retrain], seq_len: 64, global_batch: 16, micro_batch: 16, "
+                   "zero_stage: 2, checkpoint_every: 0, eval_every: 0, eval_tokens: 4096, log_every: 8}}\n"
+                   "launch: {{cpus_per_task: 1, time_min: 15}}\n",
+    "retrain-depth.yaml": "extends: _train.yaml\nstage: retrain\nname: st-depth-r\ninit: st-depth@latest\noptimizer: {{lr: 1.0e-3}}\n",
+    "retrain-wanda.yaml": "extends: _train.yaml\nstage: retrain\nname: st-wanda-r\ninit: st-wanda@latest\noptimizer: {{lr: 1.0e-3}}\n",
+    "twin-depth.yaml": "extends: _train.yaml\nstage: pretrain\nname: st-depth-s\ndata: test-data@latest\nlike: st-depth@latest\n",
+    "twin-wanda.yaml": "extends: _train.yaml\nstage: pretrain\nname: st-wanda-s\ndata: test-data@latest\nlike: st-wanda@latest\n",
+    "eval.yaml": "name: st-eval\nstage: eval\nrun: st-parent@latest\n"
+                 "eval: {{heldout: {{range: validation, tokens: 8192, seq_len: 64}}, batch_size: 16}}\n"
+                 "launch: {{cpus_per_task: 1, time_min: 15}}\n",
+    "study.yaml": "name: st\nstage: study\nparent: parent.yaml\neval: eval.yaml\nmethods:\n"
+                  "  - {{label: depth, prune: prune-depth.yaml, retrain: [retrain-depth.yaml], scratch: [twin-depth.yaml]}}\n"
+                  "  - {{label: wanda, prune: prune-wanda.yaml, retrain: [retrain-wanda.yaml], scratch: [twin-wanda.yaml]}}\n"
+                  "  - {{label: depth-90, prune: prune-depth-90.yaml, retrain: [retrain-depth-90.yaml]}}\n"
+                  "launch: {{cpus_per_task: 1, time_min: 15}}\n",
+}
+
+
+def test_a_study_goes_out_at_once_chained_by_dependencies_and_completes(fresh_runs, tmp_path):
+    runs, env = fresh_runs["runs"], fresh_runs["env"]
+    for name, text in STUDY_FILES.items():
+        (tmp_path / name).write_text(text.format(recipes=fresh_runs["recipes"]))
+    study = str(tmp_path / "study.yaml")
+    out = prunectl("study", study, *SLURM, env=env, timeout=120)  # returns once everything is queued
+    jobs = {tuple(line.split()[1:3]): line for line in out.stdout.splitlines() if line.startswith("submitted ")}
+    assert len(jobs) == 16  # parent, 3 prunes, 3 retrains, 2 twins, 6 evals, the compare
+    parent_job = jobs[("parent", "st-parent@v001")].split(" as job ")[1].split()[0]
+    assert f"(after jobs {parent_job})" in jobs[("prune", "st-depth@v001")]  # the prune array waits for the parent
+    assert "after jobs" in jobs[("retrain", "st-depth-r@v001")] and "after jobs" in jobs[("compare", "st-compare@v001")]
+
+    deadline = time.monotonic() + 540
+    while time.monotonic() < deadline and manifest(runs, "st-compare")["status"] in ("pending", "running"):
+        time.sleep(3)
+    compare = manifest(runs, "st-compare")
+    assert compare["status"] == "complete", compare
+    assert compare["summary"]["finding_1"] == {"depth": True, "wanda": True}
+    assert "infeasible for depth pruning" in manifest(runs, "st-depth-90")["note"]
+    assert manifest(runs, "st-depth-90-r")["note"].startswith("init: st-depth-90@v001: is failed")
+    assert compare["summary"]["left_out"] == ["depth-90: st-depth-90-r@v001: is failed, not complete; use a complete "
+                                              "version or @latest"]
+    for name in ("st-depth-r", "st-depth-s", "st-wanda-r", "st-wanda-s"):
+        assert manifest(runs, name)["executor"] == "slurm" and manifest(runs, name)["data"]["tokens"] == 16384
+    assert manifest(runs, "st-wanda-r")["inputs"]["init"] == "st-wanda@v001"  # pinned, then checked at job start
+    assert (runs / "st-compare" / "v001" / "model_sizes.png").exists()
+
+    status = prunectl("status", "st", env=env).stdout
+    assert "eval of st-wanda-s@v001" in status and "13 complete, 3 failed" in status
+
+    (tmp_path / "study.yaml").write_text(STUDY_FILES["study.yaml"].format().replace(
+        "  - {label: depth-90, prune: prune-depth-90.yaml, retrain: [retrain-depth-90.yaml]}\n", ""))
+    again = prunectl("study", study, *SLURM, "--wait", env=env, timeout=300)  # only the compare runs again
+    assert "reusing 7 complete run(s) of these exact recipes and 5 stored eval result(s)" in again.stdout
+    assert [line.split()[2] for line in again.stdout.splitlines() if line.startswith("submitted ")] == ["st-compare@v002"]
+    assert "eval of st-wanda-s@v001" in again.stdout and "tables and figures in" in again.stdout
+    assert "Finding 1: the pruned initialisation beats its scratch twin" in again.stdout

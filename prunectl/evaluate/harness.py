@@ -38,17 +38,24 @@ def offline(enabled: bool = True):
                 os.environ[k] = v
 
 
-def task_manager(include: list[Path]):
+def task_manager(include: list[Path], tasks: list[str]):
+    """lm-eval's task index. Indexing its thousands of built-in task files takes ~13 s on a small CPU, so
+    when every task is one of the included (local) ones, only those are indexed."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(p) for p in include] or None)
+    paths = [str(p) for p in include]
+    if paths:
+        local = TaskManager(include_path=paths, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=paths or None)
 
 
 def check_tasks(tasks: list[str], include: list[Path], prefetch_hint: str, load: bool = True) -> None:
     """Unknown task names, and (offline) tasks whose data is not cached: one line each."""
     import difflib
 
-    manager = task_manager(include)
+    manager = task_manager(include, tasks)
     known = set(manager.all_tasks)
     problems = []
     for name in tasks:
@@ -81,7 +88,7 @@ def evaluate(model_dir: Path, tasks: list[str], include: list[Path], batch_size:
 
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     lm = HFLM(pretrained=str(model_dir), device=str(device), batch_size=batch_size, dtype=dtype)
-    manager = task_manager(include)
+    manager = task_manager(include, tasks)
     load_tasks(manager, tasks, prefetch_hint)  # the clear error for a missing cache, before any scoring
     with torch.inference_mode():
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
@@ -106,4 +113,4 @@ def evaluate(model_dir: Path, tasks: list[str], include: list[Path], batch_size:
 def prefetch(tasks: list[str], include: list[Path]) -> None:
     """On a login node (with internet): download every dataset the tasks read into the HF cache."""
     with offline(False):
-        task_manager(include).load(tasks)
+        task_manager(include, tasks).load(tasks)

@@ -284,6 +284,84 @@ def check_feasible(cfg: PruneConfig, shape) -> None:
         sheared.candidates(shape, cfg.ratio, cfg.sheared.targets, cfg.search.quantum, cfg.search.candidates)
 
 
+def check(root: Path, r, res) -> dict[str, str]:
+    """Parent, data, calibration size and ratio feasibility, checked before anything is written."""
+    from .. import store
+    from ..model import locate
+    from .surgery import Shape
+
+    problems: list[str] = []
+    inputs: dict[str, str] = {}
+    parent_dir = None
+    try:
+        parent_dir, inputs["parent"] = locate(root, r.parent)
+    except PrunectlError as err:
+        problems.append(f"parent: {err.problems[0]}; pretrain it first or point at a Hugging Face model directory")
+    data_ref = r.data
+    if data_ref is None and "parent" in inputs and not Path(r.parent).expanduser().is_dir():
+        data_ref = store.resolve(root, r.parent).manifest().inputs.get("data")
+    if data_ref is None and parent_dir is not None:
+        problems.append("data: required when the parent is not a prunectl run (it names the calibration and held-out data)")
+    meta = {}
+    for key, ref in (("data", data_ref), ("calibration", r.calibration.data)):
+        if ref is None:
+            continue
+        try:
+            run = store.resolve(root, ref)
+            inputs[key] = run.ref
+            meta[key] = json.loads((run.dir / "data.json").read_text())
+        except PrunectlError as err:
+            problems.append(f"{key if key == 'data' else 'calibration.data'}: {err.problems[0]}")
+    calib_key = "calibration" if r.calibration.data else "data"
+    if inputs.get("calibration") == inputs.get("data") and r.calibration.range == r.heldout.range:
+        problems.append(f"calibration.range: '{r.calibration.range}' is the held-out evaluation range; calibrate elsewhere")
+    if "data" in meta and r.heldout.tokens and r.heldout.range not in meta["data"]["ranges"]:
+        problems.append(f"heldout.range: {inputs['data']} has no range {r.heldout.range}")
+    if r.prune.sheared is not None and r.prune.method == "sheared-llama" and "data" in meta:
+        t = r.prune.sheared.train
+        missing = [n for n in [*t.data_ranges, t.eval_range] if n not in meta["data"]["ranges"]]
+        if missing:
+            problems.append(f"prune.sheared.train.data_ranges: {inputs['data']} has no range {', '.join(missing)}")
+        if t.global_batch % (t.micro_batch * res.world):
+            problems.append(f"prune.sheared.train.global_batch: {t.global_batch} is not a multiple of micro_batch x "
+                            f"ranks = {t.micro_batch} x {res.world}")
+    needs_calibration = r.prune.method in CALIBRATED
+    if needs_calibration and calib_key in meta:
+        ranges = meta[calib_key]["ranges"]
+        if r.calibration.range not in ranges:
+            problems.append(f"calibration.range: {inputs[calib_key]} has no range {r.calibration.range} "
+                            f"(it has {', '.join(ranges)})")
+        else:
+            have = ranges[r.calibration.range]["end"] - ranges[r.calibration.range]["start"]
+            need = r.calibration.samples * r.calibration.seq_len
+            if have // r.calibration.seq_len < r.calibration.samples:
+                problems.append(f"calibration.samples: {r.calibration.samples} sequences of {r.calibration.seq_len} "
+                                f"tokens need {need:,} tokens, but range '{r.calibration.range}' of {inputs[calib_key]} "
+                                f"has {have:,}; lower calibration.samples or calibration.seq_len")
+    if parent_dir is not None:
+        config = json.loads((parent_dir / "config.json").read_text())
+        if config.get("model_type") != "llama":
+            problems.append(f"parent: {r.parent} is a {config.get('model_type')} model; prunectl prunes Llama models")
+        else:
+            shape = Shape(layers=config["num_hidden_layers"], hidden=config["hidden_size"],
+                          heads=config["num_attention_heads"], kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+                          head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+                          ffn=config["intermediate_size"], vocab=config["vocab_size"],
+                          tied=bool(config.get("tie_word_embeddings")))
+            for key in meta:
+                vocab = meta[key]["tokenizer"]["vocab_size"]
+                if vocab > shape.vocab:
+                    problems.append(f"{'data' if key == 'data' else 'calibration.data'}: {inputs[key]}'s tokenizer has "
+                                    f"{vocab:,} tokens, more than the parent's vocabulary of {shape.vocab:,}")
+            try:
+                check_feasible(r.prune, shape)
+            except PrunectlError as err:
+                problems.extend(err.problems)
+    if problems:
+        raise PrunectlError(*problems)
+    return inputs
+
+
 def parent_model_dir(root: Path, parent: str) -> Path:
     """A complete prunectl run's final/ or a local Hugging Face model directory (the paper's 'Meta' variant)."""
     from ..model import locate

@@ -1,0 +1,466 @@
+"""A whole study in one submission: parent -> prune (methods x ratios) -> retrain and scratch twins -> eval -> compare.
+
+The study resolves every stage's recipe with its inputs pinned to the exact versions the study
+allocates (`init=<prune run>@v003`, ...), so each node knows what it will read before anything
+runs. On Slurm every group goes out as one job array that depends (afterany) on the jobs of its
+inputs; a node whose inputs did not complete fails at its start with a note naming them, and the
+rest of the study goes on. With the local executor the groups run one after another here.
+Runs whose exact recipe already completed are reused; interrupted ones resume; failed ones are
+submitted again. `graph.json` in the study's run directory records the graph for `prunectl status`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from . import store
+from .errors import PrunectlError
+from .schema import Strict
+
+GROUPS = ("parent", "prune", "sweep", "retrain", "scratch", "eval", "compare")
+
+
+class StudyMethod(Strict):
+    """One method of a study: its prune recipe, the retrains (one per budget) and their scratch twins."""
+
+    label: str = Field(description="row label in the tables, e.g. Minitron-D")
+    prune: str = Field(description="prune recipe (path relative to the study file, or a recipe name)")
+    retrain: list[str] = Field(min_length=1, description="retrain recipes, one per budget N (P-R_N)")
+    scratch: list[str] = Field(default_factory=list, description="S_N twin recipes, paired with retrain by position")
+    total: str | None = Field(None, description="S_total twin recipe")
+
+
+@dataclass
+class Node:
+    key: str
+    group: str
+    stage: str
+    source: str  # recipe file
+    overrides: list[str]
+    deps: list[str] = field(default_factory=list)
+    ref: str | None = None  # name@vNNN (eval: the evaluated run)
+    state: str = "new"  # new | reused | resume | in-flight | planned
+    job: str | None = None
+    results: str | None = None  # eval: the results file
+    pins: list[str] = field(default_factory=list)  # the overrides that pin inputs to this study's versions
+
+    @property
+    def name(self) -> str:
+        return self.key.split("/", 1)[1]
+
+
+def run_dir(root: Path, ref: str) -> Path:
+    """The directory of name@vNNN, complete or not."""
+    name, _, version = ref.partition("@")
+    return root / name / version
+
+
+def recipe_path(study_file: Path, ref: str) -> str:
+    """A study's entries are paths relative to the study file, or recipe names."""
+    candidate = study_file.parent / ref
+    return str(candidate) if candidate.suffix in (".yaml", ".yml") and candidate.is_file() else ref
+
+
+class Planner:
+    """Builds the graph. Dry: placeholders (`name@vNNN`) for new runs. Otherwise new runs are allocated
+    (recipe.yaml and a pending manifest) as they are planned, so later nodes can pin them."""
+
+    def __init__(self, root: Path, study_file: Path, study, data_refs: list[str], dry_run: bool, executor: str):
+        self.root, self.study_file, self.study, self.dry_run, self.executor = root, study_file, study, dry_run, executor
+        self.nodes: list[Node] = []
+        self.names: dict[str, str] = {ref.split("@")[0]: ref for ref in data_refs}
+        self.fresh: list[store.Run] = []
+
+    def path(self, ref: str) -> str:
+        return recipe_path(self.study_file, ref)
+
+    def build(self) -> list[Node]:
+        from . import recipe as recipes
+        from .evaluate.stage import results_path
+
+        study = self.study
+        parent = self.add("parent", "pretrain", self.path(study.parent), [("data", None)], [])
+        trained = [parent]
+        for method in study.methods:
+            pruned = self.add("prune", "prune", self.path(method.prune),
+                              [("parent", parent.ref), ("data", None), ("calibration.data", None)], [parent.key])
+            for ref in method.retrain:
+                trained.append(self.add("retrain", "retrain", self.path(ref), [("init", pruned.ref), ("data", None)],
+                                        [pruned.key]))
+            for ref in [*method.scratch, *([method.total] if method.total else [])]:
+                trained.append(self.add("scratch", "pretrain", self.path(ref), [("like", pruned.ref), ("data", None)],
+                                        [pruned.key]))
+        ev = recipes.resolve(self.path(study.eval))
+        if ev.stage != "eval":
+            raise PrunectlError(f"eval: {study.eval} is a {ev.stage} recipe; a study's eval is an eval recipe")
+        for target in trained:
+            node = Node(f"eval/{target.name}", "eval", "eval", self.path(study.eval), [f"run={target.ref}"],
+                        [target.key], ref=target.ref)
+            if not target.ref.endswith("@vNNN"):
+                node.results = str(results_path(run_dir(self.root, target.ref), ev.eval))
+            node.state = "reused" if node.results and Path(node.results).exists() else \
+                ("planned" if self.dry_run else "new")
+            self.nodes.append(node)
+        compare = Node(f"compare/{study.name}-compare", "compare", "compare", str(self.study_file), [],
+                       [n.key for n in self.nodes if n.group == "eval"])
+        compare.state = "planned" if self.dry_run else "new"
+        compare.ref = self.allocate_compare() if not self.dry_run else f"{study.name}-compare@vNNN"
+        self.nodes.append(compare)
+        return self.nodes
+
+    def add(self, group: str, stage: str, source: str, pins: list[tuple[str, str | None]], deps: list[str]) -> Node:
+        from . import recipe as recipes
+
+        base = recipes.resolve(source)
+        if base.stage != stage:
+            raise PrunectlError(f"{source}: is a {base.stage} recipe; the study's {group} entries are {stage} recipes")
+        overrides = [o for f, ref in pins for o in _pin(base, f, ref, self.names)]
+        r = recipes.resolve(source, overrides)
+        existing = next((n for n in self.nodes if n.key == f"{group}/{r.name}"), None)
+        if existing:
+            return existing
+        sweeps = self.sweep_nodes(source, overrides, r, deps) if getattr(r, "sweep", None) is not None else []
+        node = Node(f"{group}/{r.name}", group, stage, source, overrides, [*deps, *(n.key for n in sweeps)], pins=overrides)
+        self.decide(node, r)
+        self.names[r.name] = node.ref
+        self.nodes.append(node)
+        return node
+
+    def sweep_nodes(self, source: str, overrides: list[str], r, deps: list[str]) -> list[Node]:
+        from . import recipe as recipes
+        from .sweep import prefix_overrides
+
+        out = []
+        for lr in r.sweep.lrs:
+            extra = [*overrides, *prefix_overrides(r.name, r.sweep, lr)]
+            node = Node(f"sweep/{r.name}-lrsweep/lr={lr:g}", "sweep", r.stage, source, extra, list(deps), pins=overrides)
+            self.decide(node, recipes.resolve(source, extra))
+            self.nodes.append(node)
+            out.append(node)
+        return out
+
+    def decide(self, node: Node, r) -> None:
+        """Reuse a complete run of this exact recipe, follow one in flight, resume an interrupted one, or add one."""
+        from . import recipe as recipes
+
+        text = recipes.dump(r)
+        # A run submitted on its own names its inputs `@latest`: the same run if its manifest recorded our pins.
+        unpinned = recipes.dump(recipes.resolve(node.source, [o for o in node.overrides if o not in node.pins]))
+        expected = _expected_inputs(node)
+        for run in reversed(store.versions(self.root, r.name)):
+            stored, manifest = run.dir / "recipe.yaml", run.manifest()
+            if manifest is None or not stored.exists():
+                continue
+            same = stored.read_text() == text or (
+                stored.read_text() == unpinned and manifest.status == "complete"
+                and all(manifest.inputs.get(k) == v for k, v in expected.items()))
+            if not same and getattr(manifest, "lr_sweep", None):  # the sweep's winner replaced optimizer.lr
+                chosen = [*node.overrides, f"optimizer.lr={manifest.lr_sweep['chosen_lr']!r}"]
+                same = stored.read_text() == recipes.dump(recipes.resolve(node.source, chosen))
+            if not same:
+                continue
+            if manifest.status == "complete":
+                node.ref, node.state = run.ref, "reused"
+            elif _alive(manifest):
+                node.ref, node.state = run.ref, "in-flight"
+                node.job = manifest.job_ids[-1] if manifest.job_ids else None
+            else:
+                node.ref, node.state = run.ref, "resume"
+                if not self.dry_run:
+                    run.update(status="pending", finished=None, executor=self.executor)
+            return
+        if self.dry_run:
+            node.ref, node.state = f"{r.name}@vNNN", "planned"
+            return
+        run = store.allocate(self.root, r.name)
+        self.fresh.append(run)
+        (run.dir / "recipe.yaml").write_text(text)
+        run.write_manifest(store.Manifest(name=r.name, version=run.version, stage=node.stage, executor=self.executor,
+                                          inputs=_expected_inputs(node), note="waiting for its inputs (study)"))
+        node.ref, node.state = run.ref, "new"
+
+    def allocate_compare(self) -> str:
+        run = store.allocate(self.root, f"{self.study.name}-compare")
+        self.fresh.append(run)
+        run.write_manifest(store.Manifest(name=run.name, version=run.version, stage="compare", executor=self.executor,
+                                          note="waiting for the study's evals"))
+        return run.ref
+
+    def eval_config(self):
+        from . import recipe as recipes
+
+        return recipes.resolve(self.path(self.study.eval)).eval
+
+
+def _expected_inputs(node: Node) -> dict[str, str]:
+    """The pinned inputs, shown by `prunectl status` until the job checks them."""
+    fields = {"parent": "parent", "init": "init", "like": "like", "data": "data", "calibration.data": "calibration"}
+    out = {}
+    for o in node.pins:
+        key, _, value = o.partition("=")
+        if key in fields and "@" in value:
+            out[fields[key]] = value
+    return out
+
+
+def _pin(recipe, field_name: str, ref: str | None, names: dict[str, str]) -> list[str]:
+    """Override `field_name` with the exact version when it points at a run of this study."""
+    current = recipe
+    for part in field_name.split("."):
+        current = getattr(current, part, None)
+    if current is None:
+        return []
+    pinned = ref if ref is not None else names.get(str(current).split("@")[0])
+    return [f"{field_name}={pinned}"] if pinned else []
+
+
+def _alive(manifest) -> bool:
+    from . import launch
+
+    if manifest.executor == "slurm" and manifest.job_ids:
+        return launch.slurm_state(manifest.job_ids[-1]) is not None
+    return manifest.status in ("running", "pending") and launch.pid_alive(manifest.pid, manifest.host)
+
+
+# ---------------------------------------------------------------------------- submission
+
+
+def method_refs(study, nodes: list[Node], study_file: Path) -> list[dict[str, Any]]:
+    """Each method's P-R_N, S_N and S_total runs as the graph pinned them (what the compare reads)."""
+    from . import recipe as recipes
+
+    by_source: dict[tuple[str, str], str] = {}
+    for n in nodes:
+        if n.group in ("retrain", "scratch"):
+            by_source[(n.group, str(n.source))] = n.ref
+    out = []
+    for m in study.methods:
+        ref = lambda group, entry: by_source.get((group, recipe_path(study_file, entry)))  # noqa: E731
+        out.append({"label": m.label, "retrain": [ref("retrain", e) for e in m.retrain],
+                    "scratch": [ref("scratch", e) for e in m.scratch], "total": ref("scratch", m.total) if m.total else None})
+    del recipes
+    return out
+
+
+def submit(planner: Planner, executor: str, profile: str | None, echo, follow) -> store.Run:
+    """Record the graph, then submit each group as one job array depending on its inputs' jobs."""
+    from . import launch
+    from . import recipe as recipes
+
+    root, study, nodes = planner.root, planner.study, planner.nodes
+    study_run = store.allocate(root, study.name)
+    (study_run.dir / "recipe.yaml").write_text(recipes.dump(study))
+    study_run.write_manifest(store.Manifest(name=study.name, version=study_run.version, stage="study", status="running",
+                                            executor=executor, started=store.now()))
+    graph = {"study_file": str(planner.study_file), "executor": executor,
+             "eval": planner.eval_config().model_dump(mode="json"),
+             "methods": method_refs(study, nodes, planner.study_file), "nodes": nodes}
+    save_graph(study_run, graph)
+    by_key = {n.key: n for n in nodes}
+    # Slurm: one array per group. Here: retrains and scratch twins share waves (both need only the prune runs).
+    levels = [[g] for g in GROUPS] if executor == "slurm" else \
+        [["parent"], ["prune"], ["sweep"], ["retrain", "scratch"], ["eval"], ["compare"]]
+    for level in levels:
+        group = level[0]
+        todo = [n for n in nodes if n.group in level and n.state in ("new", "resume")]
+        if executor != "slurm":
+            todo = [n for n in todo if _inputs_ready(root, n, by_key)]
+        for res, bucket in _buckets(todo, profile, planner):
+            if executor == "slurm":
+                deps = sorted({by_key[d].job for n in bucket for d in n.deps
+                               if by_key[d].job and by_key[d].state in ("new", "resume", "in-flight")})
+                dependency = f"afterany:{':'.join(deps)}" if deps else None
+                jobs = launch.submit(executor, res, f"{study.name}-{group}", bucket[0].stage,
+                                     [run_dir(root, n.ref) for n in bucket],
+                                     [_job_options(n, res, study_run) for n in bucket],
+                                     study_run.dir / "logs" / group if len(bucket) > 1 else _folder(root, bucket[0]),
+                                     dependency=dependency)
+                _record(root, bucket, jobs, echo, dependency)
+                save_graph(study_run, graph)
+                continue
+            # No scheduler: as many jobs at once as the cores hold, each followed until it ends.
+            at_once = max(1, (os.cpu_count() or 1) // (res.cpus_per_task * res.tasks_per_node))
+            for i in range(0, len(bucket), at_once):
+                wave = bucket[i : i + at_once]
+                jobs = [launch.submit(executor, res, f"{study.name}-{n.group}", n.stage, [run_dir(root, n.ref)],
+                                      [_job_options(n, res, study_run)], _folder(root, n))[0] for n in wave]
+                _record(root, wave, jobs, echo, None)
+                save_graph(study_run, graph)
+                follow(list(zip(wave, jobs)))
+    study_run.update(status="complete", finished=store.now(), note=None)
+    return study_run
+
+
+def _inputs_ready(root: Path, node: Node, by_key: dict[str, Node]) -> bool:
+    """Local executor: a node whose inputs failed is marked failed here instead of starting a process for it."""
+    missing = [by_key[d].ref for d in node.deps if not _node_complete(root, by_key[d])]
+    if node.group == "compare" or not missing:
+        return True
+    if node.group != "eval":
+        store.Run(root, *_split(node.ref)).update(status="failed", finished=store.now(),
+                                                   note=f"inputs did not complete: {', '.join(missing)}")
+    node.state = "skipped"
+    return False
+
+
+def _node_complete(root: Path, node: Node) -> bool:
+    if node.group == "eval":
+        return bool(node.results) and Path(node.results).exists()
+    manifest = store.Run(root, *_split(node.ref)).manifest()
+    return manifest is not None and manifest.status == "complete"
+
+
+def _split(ref: str) -> tuple[str, int]:
+    name, _, version = ref.partition("@")
+    return name, int(version.removeprefix("v"))
+
+
+def _record(root: Path, nodes: list[Node], jobs: list, echo, dependency: str | None) -> None:
+    for n, job in zip(nodes, jobs):
+        n.job = str(job.job_id)
+        if n.group != "eval":
+            run = store.Run(root, *_split(n.ref))
+            run.update(job_ids=[*run.manifest().job_ids, n.job])
+        echo(f"submitted {n.group} {n.ref} as job {n.job}"
+             + (f" (after jobs {dependency.removeprefix('afterany:').replace(':', ', ')})" if dependency else ""))
+
+
+def _job_options(node: Node, res, study_run: store.Run) -> dict[str, Any]:
+    from . import recipe as recipes
+
+    if node.group == "eval":
+        cfg = recipes.resolve(node.source, node.overrides).eval
+        return {"cfg_json": cfg.model_dump_json(), "force": False, "study": True}
+    if node.group == "compare":
+        return {"study_run": str(study_run.dir)}
+    return {"study": {"source": node.source, "overrides": node.overrides, "res": res.model_dump()}}
+
+
+def _folder(root: Path, node: Node) -> Path:
+    """A single job's logs: in its run (an eval's beside its results)."""
+    return run_dir(root, node.ref) / ("eval/logs" if node.group == "eval" else "logs")
+
+
+def _buckets(todo: list[Node], profile: str | None, planner: Planner):
+    """Nodes of one group that share a stage and resources go out as one array."""
+    from . import launch
+    from . import recipe as recipes
+
+    out: list[tuple[Any, list[Node]]] = []
+    for n in todo:
+        if n.group == "compare":
+            res = launch.resources(planner.study.launch, profile)
+        else:
+            res = launch.resources(recipes.resolve(n.source, n.overrides).launch, profile)
+        for have, bucket in out:
+            if have == res and bucket[0].stage == n.stage:
+                bucket.append(n)
+                break
+        else:
+            out.append((res, [n]))
+    return out
+
+
+def save_graph(study_run: store.Run, graph: dict[str, Any]) -> None:
+    data = {**graph, "nodes": [asdict(n) for n in graph["nodes"]]}
+    store.write_atomic(study_run.dir / "graph.json", json.dumps(data, indent=1) + "\n")
+
+
+def load_graph(study_run: store.Run) -> tuple[dict[str, Any], list[Node]]:
+    data = json.loads((study_run.dir / "graph.json").read_text())
+    return data, [Node(**n) for n in data["nodes"]]
+
+
+# ---------------------------------------------------------------------------- inside a study's job
+
+
+def start(stage: str, run_dir_: Path, opts: dict[str, Any]) -> None:
+    """A study node's first act: check its (now existing) inputs, pick the swept LR, record them.
+
+    Every rank computes the same answer; rank 0 writes it and the others wait to read it back."""
+    from . import checks, launch
+    from . import recipe as recipes
+    from . import sweep as sweeps
+
+    run = store.Run(run_dir_.parent.parent, run_dir_.parent.name, int(run_dir_.name[1:]))
+    rank = _rank()
+    try:
+        r = recipes.load_run_recipe(run.dir)
+        choice = None
+        if getattr(r, "sweep", None) is not None:
+            choice = sweeps.choose(run.root, opts["source"], opts["overrides"], r)
+            r = recipes.resolve(opts["source"], [*opts["overrides"], f"optimizer.lr={choice.chosen_lr!r}"])
+        inputs = checks.check(stage, run.root, r, launch.Resources.model_validate(opts["res"]))
+    except PrunectlError as err:
+        if rank == 0:
+            run.update(status="failed", finished=store.now(), note="; ".join(err.problems)[:500])
+        raise
+    if rank == 0:
+        if choice is not None:
+            store.write_atomic(run.dir / "recipe.yaml", recipes.dump(r))
+        changes = {"inputs": inputs, "note": None}
+        if choice is not None:
+            changes["lr_sweep"] = choice.model_dump()
+        run.update(**changes)
+        return
+    for _ in range(600):
+        if run.manifest().inputs == inputs:
+            return
+        time.sleep(1)
+    raise PrunectlError(f"{run.ref}: rank 0 did not record the checked inputs within 10 minutes")
+
+
+def check_eval_target(run_dir_: Path) -> None:
+    run = store.Run(run_dir_.parent.parent, run_dir_.parent.name, int(run_dir_.name[1:]))
+    manifest = run.manifest()
+    if manifest is None or manifest.status != "complete":
+        raise PrunectlError(f"{run.ref}: is {manifest.status if manifest else 'missing'}, not complete; nothing to evaluate")
+
+
+def _rank() -> int:
+    try:
+        import submitit
+
+        return submitit.JobEnvironment().global_rank
+    except RuntimeError:
+        return 0
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def node_state(root: Path, node: Node) -> tuple[str, str]:
+    """(state, note) now, from the node's run (or results file)."""
+    from . import launch
+
+    if node.group == "eval":
+        if node.results and Path(node.results).exists():
+            return ("reused" if node.state == "reused" else "complete"), ""
+        if node.state == "skipped":
+            return "skipped", "its run did not complete"
+        live = launch.slurm_state(node.job) if node.job else None
+        if live:
+            return live.lower(), ""
+        target = store.Run(root, *_split(node.ref)).manifest() if not node.ref.endswith("@vNNN") else None
+        if target is not None and target.status == "failed":
+            return "failed", f"{node.ref} failed"
+        return ("failed", "no results; see its log") if node.job else (node.state if node.state == "planned" else "pending", "")
+    if node.ref is None or node.ref.endswith("@vNNN"):
+        return node.state, ""
+    manifest = store.Run(root, *_split(node.ref)).manifest()
+    if manifest is None:
+        return "missing", ""
+    state = manifest.status
+    if state in ("pending", "running") and not _alive(manifest):
+        state = f"{state} (lost)"
+    if state == "complete" and node.state == "reused":
+        state = "reused"
+    return state, manifest.note or ""
+
