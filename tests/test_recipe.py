@@ -16,7 +16,7 @@ from .conftest import REPO, prunectl
                          ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_recipe_resolves(path):
     r = recipes.resolve(str(path))
-    assert r.name and r.stage in ("data", "pretrain", "prune", "retrain", "eval")
+    assert r.name and r.stage in ("data", "pretrain", "prune", "retrain", "eval", "study", "compare")
     # the resolved dump is itself a valid recipe: what a run stores is what it ran
     assert recipes._RECIPE.validate_python(__import__("yaml").safe_load(recipes.dump(r))) == r
 

@@ -44,3 +44,12 @@ def test_study_mistakes_are_one_line_each_before_anything_is_written(tmp_path):
     assert refused(env, runs, "study", str(bad)).strip() == "error: nope.yaml: no such recipe file"
     err = refused(env, runs, "study", "recipes/tiny/parent.yaml")
     assert "is a pretrain recipe; `study` takes a recipe with stage: study" in err
+
+
+def test_tiny_studies_plan_on_a_fresh_runs_root(tmp_path):
+    env = {**os.environ, "PRUNECTL_RUNS": str(tmp_path / "runs")}
+    demo = prunectl("study", "recipes/tiny/demo.yaml", "--dry-run", env=env).stdout
+    assert demo.count("planned") == 1 + 5 * 3 + 11 + 1  # parent; prune, retrain, twin per method; 11 evals; compare
+    assert "demo-wanda-50-scratch@vNNN  recipes/tiny/demo/scratch-wanda-50.yaml like=demo-wanda-50@vNNN" in demo
+    full = prunectl("study", "recipes/tiny/study.yaml", "--dry-run", "--executor", "slurm", env=env).stdout
+    assert "tiny-minitron-depth-50-scratch-total@vNNN" in full and "#SBATCH --dependency=" in full
