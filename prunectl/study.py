@@ -272,30 +272,39 @@ def submit(planner: Planner, executor: str, profile: str | None, echo, follow) -
         todo = [n for n in nodes if n.group in level and n.state in ("new", "resume")]
         if executor != "slurm":
             todo = [n for n in todo if _inputs_ready(root, n, by_key)]
+            _run_here(root, study, study_run, graph, [(res, n) for res, b in _buckets(todo, profile, planner) for n in b],
+                      echo, follow)
+            continue
         for res, bucket in _buckets(todo, profile, planner):
-            if executor == "slurm":
-                deps = sorted({by_key[d].job for n in bucket for d in n.deps
-                               if by_key[d].job and by_key[d].state in ("new", "resume", "in-flight")})
-                dependency = f"afterany:{':'.join(deps)}" if deps else None
-                jobs = launch.submit(executor, res, f"{study.name}-{group}", bucket[0].stage,
-                                     [run_dir(root, n.ref) for n in bucket],
-                                     [_job_options(n, res, study_run) for n in bucket],
-                                     study_run.dir / "logs" / group if len(bucket) > 1 else _folder(root, bucket[0]),
-                                     dependency=dependency)
-                _record(root, bucket, jobs, echo, dependency)
-                save_graph(study_run, graph)
-                continue
-            # No scheduler: as many jobs at once as the cores hold, each followed until it ends.
-            at_once = max(1, (os.cpu_count() or 1) // (res.cpus_per_task * res.tasks_per_node))
-            for i in range(0, len(bucket), at_once):
-                wave = bucket[i : i + at_once]
-                jobs = [launch.submit(executor, res, f"{study.name}-{n.group}", n.stage, [run_dir(root, n.ref)],
-                                      [_job_options(n, res, study_run)], _folder(root, n))[0] for n in wave]
-                _record(root, wave, jobs, echo, None)
-                save_graph(study_run, graph)
-                follow(list(zip(wave, jobs)))
-    study_run.update(status="complete", finished=store.now(), note=None)
+            deps = sorted({by_key[d].job for n in bucket for d in n.deps
+                           if by_key[d].job and by_key[d].state in ("new", "resume", "in-flight")})
+            dependency = f"afterany:{':'.join(deps)}" if deps else None
+            jobs = launch.submit(executor, res, f"{study.name}-{group}", bucket[0].stage,
+                                 [run_dir(root, n.ref) for n in bucket], [_job_options(n, res, study_run) for n in bucket],
+                                 study_run.dir / "logs" / group if len(bucket) > 1 else _folder(root, bucket[0]),
+                                 dependency=dependency)
+            _record(root, bucket, jobs, echo, dependency)
+            save_graph(study_run, graph)
+    # The study's own run records one submission; its nodes' runs carry the progress.
+    study_run.update(status="complete", finished=store.now(), note=f"submitted; `prunectl status {study.name}` follows it")
     return study_run
+
+
+def _run_here(root: Path, study, study_run: store.Run, graph: dict, items: list, echo, follow) -> None:
+    """No scheduler: start jobs while their CPUs fit in this machine's cores, follow the wave, repeat."""
+    from . import launch
+
+    cores = os.cpu_count() or 1
+    while items:
+        wave, used = [], 0
+        while items and (not wave or used + items[0][0].cpus_per_task * items[0][0].tasks_per_node <= cores):
+            res, n = items.pop(0)
+            used += res.cpus_per_task * res.tasks_per_node
+            wave.append((n, launch.submit("local", res, f"{study.name}-{n.group}", n.stage, [run_dir(root, n.ref)],
+                                          [_job_options(n, res, study_run)], _folder(root, n))[0]))
+        _record(root, [n for n, _ in wave], [job for _, job in wave], echo, None)
+        save_graph(study_run, graph)
+        follow(wave)
 
 
 def _inputs_ready(root: Path, node: Node, by_key: dict[str, Node]) -> bool:
