@@ -469,10 +469,13 @@ def compare(
         if not submitted:
             raise PrunectlError(f"{recipe}: study {r.name} has not been submitted under {root}; run `prunectl study {recipe}`")
         graph, _ = load_graph(submitted[-1])
-        cfg = cmp.CompareConfig(perplexity=r.perplexity, methods=[cmp.MethodRuns.model_validate(m) for m in graph["methods"]])
         eval_cfg, name = EvalConfig.model_validate(graph["eval"]), f"{r.name}-compare"
+        methods, left_out = cmp.complete_methods(root, graph["methods"], eval_cfg)
+        for line in left_out:
+            err_console.print(f"[yellow]left out[/] {line}", highlight=False)
+        cfg = cmp.CompareConfig(perplexity=r.perplexity, methods=methods)
     elif isinstance(r, recipes.CompareRecipe):
-        cfg, name = r.compare, r.name
+        cfg, name, left_out = r.compare, r.name, []
         eval_cfg = r.eval if not isinstance(r.eval, str) else recipes.resolve(r.eval).eval
     else:
         raise PrunectlError(f"{recipe}: is a {r.stage} recipe; `compare` takes a compare or study recipe")
@@ -483,7 +486,7 @@ def compare(
     try:
         text = recipes.dump(recipes.CompareRecipe(name=name, stage="compare", eval=eval_cfg, compare=cfg,
                                                   description=f"compare {recipe}"))
-        written = cmp.publish(run, text, c, [])
+        written = cmp.publish(run, text, c, left_out)
     except BaseException as err:
         run.update(status="failed", finished=store.now(), note=f"{type(err).__name__}: {err}".splitlines()[0][:500])
         raise

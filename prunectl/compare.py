@@ -471,7 +471,9 @@ def write(c: Comparison, out: Path) -> list[Path]:
         with path.open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(t.columns)
-            w.writerows([[cell.text() for cell in row] for row in t.rows])
+            # numbers at full precision for spreadsheets; compare.json marks the within-stderr cells
+            w.writerows([[round(cell.value, 6) if isinstance(cell.value, float) else cell.text() for cell in row]
+                         for row in t.rows])
         written.append(path)
     tex = out / "tables.tex"
     tex.write_text("% needs \\usepackage{booktabs,xcolor}\n" + "\n\n".join(to_latex(t) for t in ts) + "\n")
@@ -521,6 +523,20 @@ def publish(run: store.Run, recipe_text: str, c: Comparison, left_out: list[str]
     return [run.dir / p.name for p in written]
 
 
+def complete_methods(root: Path, methods: list[dict[str, Any]], eval_cfg) -> tuple[list[MethodRuns], list[str]]:
+    """A study's methods whose runs all completed and were evaluated; the others, each with its first reason."""
+    kept, left_out = [], []
+    for m in methods:
+        spec = MethodRuns.model_validate(m)
+        problems: list[str] = []
+        for ref in [*spec.retrain, *spec.scratch, *([spec.total] if spec.total else [])]:
+            measure(root, ref, eval_cfg, problems)
+        (left_out.append(f"{spec.label}: {problems[0]}") if problems else kept.append(spec))
+    if not kept:
+        raise PrunectlError("no method of the study has complete, evaluated runs: " + "; ".join(left_out))
+    return kept, left_out
+
+
 def run_study_compare(run_dir: Path, study_run_dir: Path) -> dict[str, Any]:
     """A study's last job: compare every method whose runs completed (the others are named in the summary)."""
     from . import recipe as recipes
@@ -534,15 +550,7 @@ def run_study_compare(run_dir: Path, study_run_dir: Path) -> dict[str, Any]:
         graph, _ = load_graph(study_run)
         study = recipes.load_run_recipe(study_run.dir)
         eval_cfg = EvalConfig.model_validate(graph["eval"])
-        methods, left_out = [], []
-        for m in graph["methods"]:
-            spec = MethodRuns.model_validate(m)
-            problems: list[str] = []
-            for ref in [*spec.retrain, *spec.scratch, *([spec.total] if spec.total else [])]:
-                measure(run.root, ref, eval_cfg, problems)
-            (left_out.append(f"{spec.label}: {problems[0]}") if problems else methods.append(spec))
-        if not methods:
-            raise PrunectlError("no method of the study has complete, evaluated runs: " + "; ".join(left_out))
+        methods, left_out = complete_methods(run.root, graph["methods"], eval_cfg)
         cfg = CompareConfig(perplexity=study.perplexity, methods=methods)
         c = build(run.root, cfg, eval_cfg)
         text = recipes.dump(recipes.CompareRecipe(name=run.name, stage="compare", eval=eval_cfg, compare=cfg,
