@@ -234,19 +234,16 @@ def _alive(manifest) -> bool:
 
 def method_refs(study, nodes: list[Node], study_file: Path) -> list[dict[str, Any]]:
     """Each method's P-R_N, S_N and S_total runs as the graph pinned them (what the compare reads)."""
-    from . import recipe as recipes
-
     by_source: dict[tuple[str, str], str] = {}
     for n in nodes:
         if n.group in ("retrain", "scratch"):
             by_source[(n.group, str(n.source))] = n.ref
-    out = []
-    for m in study.methods:
-        ref = lambda group, entry: by_source.get((group, recipe_path(study_file, entry)))  # noqa: E731
-        out.append({"label": m.label, "retrain": [ref("retrain", e) for e in m.retrain],
-                    "scratch": [ref("scratch", e) for e in m.scratch], "total": ref("scratch", m.total) if m.total else None})
-    del recipes
-    return out
+    def ref(group: str, entry: str) -> str | None:
+        return by_source.get((group, recipe_path(study_file, entry)))
+
+    return [{"label": m.label, "retrain": [ref("retrain", e) for e in m.retrain],
+             "scratch": [ref("scratch", e) for e in m.scratch], "total": ref("scratch", m.total) if m.total else None}
+            for m in study.methods]
 
 
 def submit(planner: Planner, executor: str, profile: str | None, echo, follow) -> store.Run:
