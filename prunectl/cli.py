@@ -540,26 +540,9 @@ def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
     planned = studies.Planner(root, study_file, r, data_refs, True, executor)
     planned.build()
     if dry_run:
-        for entry, ref in zip(r.data, data_refs):
-            console.print(f"data: `prunectl data prepare {studies.recipe_path(study_file, entry)}` here, first ({ref})",
-                          highlight=False)
-        _print_graph(root, planned.nodes, live=False)
-        by_key = {n.key: n for n in planned.nodes}
-        for group in studies.GROUPS:
-            todo = [n for n in planned.nodes if n.group == group and n.state in ("planned", "resume")]
-            for res, bucket in studies._buckets(todo, profile, planned):
-                deps = sorted({by_key[d].key for n in bucket for d in n.deps if by_key[d].state != "reused"})
-                console.rule(f"{group}: {len(bucket)} job(s){' as one array' if len(bucket) > 1 else ''}"
-                             + (f", after {len(deps)} input job(s)" if deps else ""))
-                for n in bucket:
-                    console.print(f"  {n.ref}  {n.source} {' '.join(n.overrides)}", markup=False, highlight=False)
-                if executor == "slurm":
-                    folder = root / r.name / "vNNN" / "logs" / group
-                    script = launch.batch_script(folder, res, f"{r.name}-{group}",
-                                                 "afterany:<job ids of " + ", ".join(deps) + ">" if deps else None)
-                    console.print(script, markup=False, highlight=False)
+        _print_plan(root, r, study_file, data_refs, planned, executor, profile)
         return
-    for n in planned.nodes:  # what can be checked now, is: the rest is checked by each job when it starts
+    for n in planned.nodes:  # check now what can be checked; each job checks the rest when it starts
         if n.state == "planned" and n.group in ("parent", "prune", "retrain", "scratch") and \
                 all(by.state == "reused" for by in planned.nodes if by.key in n.deps):
             each = recipes.resolve(n.source, n.overrides)
@@ -580,8 +563,13 @@ def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
                                lambda pairs: _follow_nodes(root, pairs))
     console.print(f"study {study_run.ref}: graph in {study_run.dir / 'graph.json'}; `prunectl status {r.name}` follows it")
     if executor == "slurm" and wait:
-        compare_node = planner.nodes[-1]
+        compare_node, last = planner.nodes[-1], ""
         while studies.node_state(root, compare_node)[0] in ("new", "pending", "running"):
+            states = [studies.node_state(root, n)[0].split()[0] for n in planner.nodes]
+            line = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
+            if line != last:  # one line whenever a node changes state
+                console.print(f"{time.strftime('%H:%M:%S')}  {line}", highlight=False)
+                last = line
             time.sleep(5)
     if executor != "slurm" or wait:
         _print_graph(root, planner.nodes, live=True)
@@ -594,6 +582,31 @@ def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
         stored = recipes.load_run_recipe(compare_run.dir)
         _print_comparison(cmp.build(root, stored.compare, stored.eval))
         console.print(f"tables and figures in {compare_run.dir}")
+
+
+def _print_plan(root: Path, r, study_file: Path, data_refs: list[str], planned, executor: str, profile) -> None:
+    """--dry-run: the graph, then each group's jobs and the batch script that would submit them."""
+    from . import launch
+    from . import study as studies
+
+    for entry, ref in zip(r.data, data_refs):
+        console.print(f"data: `prunectl data prepare {studies.recipe_path(study_file, entry)}` here, first ({ref})",
+                      highlight=False)
+    _print_graph(root, planned.nodes, live=False)
+    by_key = {n.key: n for n in planned.nodes}
+    for group in studies.GROUPS:
+        todo = [n for n in planned.nodes if n.group == group and n.state in ("planned", "resume")]
+        for res, bucket in studies._buckets(todo, profile, planned):
+            deps = sorted({by_key[d].key for n in bucket for d in n.deps if by_key[d].state != "reused"})
+            console.rule(f"{group}: {len(bucket)} job(s){' as one array' if len(bucket) > 1 else ''}"
+                         + (f", after {len(deps)} input job(s)" if deps else ""))
+            for n in bucket:
+                console.print(f"  {n.ref}  {n.source} {' '.join(n.overrides)}", markup=False, highlight=False)
+            if executor == "slurm":
+                folder = root / r.name / "vNNN" / "logs" / group
+                script = launch.batch_script(folder, res, f"{r.name}-{group}",
+                                             "afterany:<job ids of " + ", ".join(deps) + ">" if deps else None)
+                console.print(script, markup=False, highlight=False)
 
 
 def _follow_nodes(root: Path, pairs: list) -> None:
