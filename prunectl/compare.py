@@ -148,6 +148,8 @@ def measure(root: Path, ref: str, eval_cfg, problems: list[str]) -> Measured | N
 def _lineage(root: Path, retrain: Measured) -> tuple[str, str | None, str, float | None]:
     """(prune run, parent run, prune method, target ratio) behind a P-R_N run."""
     manifest = store.resolve(root, retrain.ref).manifest()
+    if manifest.stage != "retrain" or "init" not in manifest.inputs:
+        raise PrunectlError(f"{retrain.ref}: is a {manifest.stage} run; a method's retrain entries are P-R_N (retrain) runs")
     prune_run = store.resolve(root, manifest.inputs["init"])
     pm = prune_run.manifest()
     summary = pm.summary if pm.stage == "prune" else {}
