@@ -19,6 +19,7 @@ from rich.table import Table
 from . import checks, store
 from . import recipe as recipes
 from .errors import PrunectlError
+from .launch import job_alive
 
 app = typer.Typer( no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 recipes_app = typer.Typer(help="List and inspect recipes.", no_args_is_help=True)
@@ -277,18 +278,10 @@ def _resumable(root: Path, r, new: bool) -> store.Run | None:
     same = (run.dir / "recipe.yaml").exists() and (run.dir / "recipe.yaml").read_text() == recipes.dump(r)
     if manifest is None or manifest.status == "complete" or not same:
         return None
-    if _alive(manifest):
+    if job_alive(manifest):
         raise PrunectlError(f"{run.ref}: is still {manifest.status} (job {', '.join(manifest.job_ids)}); "
                             "wait for it, cancel it, or pass --new for a separate version")
     return run
-
-
-def _alive(manifest: store.Manifest) -> bool:
-    from . import launch
-
-    if manifest.executor == "slurm" and manifest.job_ids:
-        return launch.slurm_state(manifest.job_ids[-1]) is not None
-    return manifest.status in ("running", "pending") and launch.pid_alive(manifest.pid, manifest.host)
 
 
 def _job_over(job) -> bool:
@@ -308,24 +301,28 @@ def _job_over(job) -> bool:
     return True
 
 
+def _progress_of(run: store.Run) -> dict:
+    """A progress bar's step, total and info line from the run's metrics.jsonl and manifest."""
+    metrics = run.dir / "metrics.jsonl"
+    if not metrics.exists():
+        return {}
+    last = {k: v for line in metrics.read_text().splitlines()[-3:] for k, v in json.loads(line).items()}
+    info = "  ".join(f"{k} {last[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s") if last.get(k) is not None)
+    if "phase" in last:
+        info = f"{last['phase']} ({last['event']})"
+    manifest = run.manifest()
+    return {"total": manifest.summary.get("steps") if manifest else None, "completed": last.get("step", 0), "info": info}
+
+
 def _follow(run: store.Run, job) -> bool:
     """A progress bar fed by the run's metrics.jsonl until the job ends."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    metrics = run.dir / "metrics.jsonl"
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=err_console) as progress:
         task = progress.add_task(run.ref, total=None, info="starting")
         while not _job_over(job):
-            manifest = run.manifest()
-            total = manifest.summary.get("steps") if manifest else None
-            if metrics.exists():
-                lines = metrics.read_text().splitlines()
-                last = {k: v for line in lines[-3:] for k, v in json.loads(line).items()}
-                info = "  ".join(f"{k} {last[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s") if last.get(k) is not None)
-                if "phase" in last:
-                    info = f"{last['phase']} ({last['event']})"
-                progress.update(task, total=total, completed=last.get("step", 0), info=info)
+            progress.update(task, **_progress_of(run))
             time.sleep(0.5)
     manifest = run.manifest()
     if manifest and manifest.status == "complete" and manifest.stage == "prune":
@@ -573,7 +570,7 @@ def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
             time.sleep(5)
     if executor != "slurm" or wait:
         _print_graph(root, planner.nodes, live=True)
-        compare_run = store.Run(root, *studies._split(planner.nodes[-1].ref))
+        compare_run = store.Run.of(root, planner.nodes[-1].ref)
         if not compare_run.is_complete():
             err_console.print(f"[red]the study's compare did not complete[/]: {compare_run.manifest().note}")
             raise typer.Exit(1)
@@ -620,14 +617,8 @@ def _follow_nodes(root: Path, pairs: list) -> None:
         tasks = [progress.add_task(f"{n.group} {n.ref}", total=None, info="starting") for n, _ in pairs]
         while not all(_job_over(job) for _, job in pairs):
             for (n, _), task in zip(pairs, tasks):
-                metrics = studies.run_dir(root, n.ref) / "metrics.jsonl"
-                if n.group in ("eval", "compare") or not metrics.exists():
-                    continue
-                last = {k: v for line in metrics.read_text().splitlines()[-3:] for k, v in json.loads(line).items()}
-                manifest = store.Run(root, *studies._split(n.ref)).manifest()
-                info = "  ".join(f"{k} {last[k]:.4g}" for k in ("loss", "tokens_per_s") if last.get(k) is not None)
-                progress.update(task, total=manifest.summary.get("steps") if manifest else None,
-                                completed=last.get("step", 0), info=info)
+                if n.group not in ("eval", "compare"):
+                    progress.update(task, **_progress_of(store.Run.of(root, n.ref)))
             time.sleep(0.5)
     for n, _ in pairs:
         state, note = studies.node_state(root, n)
@@ -688,7 +679,7 @@ def status(
             job = m.job_ids[-1] if m.job_ids else ""
             slurm = launch.slurm_state(job) if job and m.executor == "slurm" else None
             state = m.status
-            if state in ("running", "pending") and not _alive(m):
+            if state in ("running", "pending") and not job_alive(m):
                 state = f"{state} (lost)"
             color = {"complete": "green", "failed": "red"}.get(m.status, "yellow")
             tokens = m.data.tokens if m.data else m.summary.get("tokens")

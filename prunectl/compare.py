@@ -291,11 +291,20 @@ def _cells(m: Measured | None, metrics: list[str]) -> list[Cell]:
     return [Cell(value(m, k)[0], 3 if k == "loss" else 2) for k in metrics]
 
 
-def _tokens(n: int) -> str:
+def short_tokens(n: int) -> str:
     for unit, size in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
         if n >= size:
             return f"{n / size:.4g}{unit}"
     return str(n)
+
+
+def _pair_rows(label: str, pair: Pair, metrics: list[str]) -> list[list[Cell]]:
+    """S_N, P-R_N and their delta (just P-R_N without a twin)."""
+    rows = [[Cell(label), Cell("P-R_N"), Cell(short_tokens(pair.n))] + _cells(pair.retrain, metrics)]
+    if pair.scratch:
+        rows.insert(0, [Cell(label), Cell("S_N"), Cell(short_tokens(pair.scratch.tokens))] + _cells(pair.scratch, metrics))
+        rows.append([Cell(label), Cell("delta S_N"), Cell("")] + [delta(pair.retrain, pair.scratch, k) for k in metrics])
+    return rows
 
 
 def summary_table(c: Comparison) -> Table:
@@ -307,7 +316,7 @@ def summary_table(c: Comparison) -> Table:
     rows = []
     for res in c.methods:
         pair = res.headline
-        row = [Cell(res.label + ("" if pair.matched and res.total_matched else " (NOT token-matched)")), Cell(_tokens(pair.n))]
+        row = [Cell(res.label + ("" if pair.matched and res.total_matched else " (NOT token-matched)")), Cell(short_tokens(pair.n))]
         for k in keys:
             row += [Cell(value(m, k)[0], 3 if k == "loss" else 2) for m in (pair.scratch, pair.retrain, res.total)][:len(who)]
         rows.append(row)
@@ -322,14 +331,9 @@ def per_benchmark_table(c: Comparison) -> Table:
     rows = []
     for res in c.methods:
         pair = res.headline
-        if pair.scratch:
-            rows.append([Cell(res.label), Cell("S_N"), Cell(_tokens(pair.scratch.tokens))] + _cells(pair.scratch, c.metrics))
-        rows.append([Cell(res.label), Cell("P-R_N"), Cell(_tokens(pair.n))] + _cells(pair.retrain, c.metrics))
-        if pair.scratch:
-            rows.append([Cell(res.label), Cell("delta S_N"), Cell("")] +
-                        [delta(pair.retrain, pair.scratch, k) for k in c.metrics])
+        rows += _pair_rows(res.label, pair, c.metrics)
         if res.total:
-            rows.append([Cell(res.label), Cell("S_total"), Cell(_tokens(res.total.tokens))] + _cells(res.total, c.metrics))
+            rows.append([Cell(res.label), Cell("S_total"), Cell(short_tokens(res.total.tokens))] + _cells(res.total, c.metrics))
             rows.append([Cell(res.label), Cell("delta S_total"), Cell("")] +
                         [delta(pair.retrain, res.total, k) for k in c.metrics])
     return Table("per_benchmark", "Per-benchmark results at the headline budget", columns, rows,
@@ -345,12 +349,7 @@ def budget_table(c: Comparison) -> Table | None:
         if len(res.pairs) < 2:
             continue
         for pair in res.pairs:
-            if pair.scratch:
-                rows.append([Cell(res.label), Cell("S_N"), Cell(_tokens(pair.n))] + _cells(pair.scratch, c.metrics))
-            rows.append([Cell(res.label), Cell("P-R_N"), Cell(_tokens(pair.n))] + _cells(pair.retrain, c.metrics))
-            if pair.scratch:
-                rows.append([Cell(res.label), Cell("delta S_N"), Cell("")] +
-                            [delta(pair.retrain, pair.scratch, k) for k in c.metrics])
+            rows += _pair_rows(res.label, pair, c.metrics)
     if not rows:
         return None
     return Table("token_budgets", "Across retraining token budgets", columns, rows, "Tables 12-15 of the paper.")
@@ -401,7 +400,7 @@ def efficiency_table(c: Comparison) -> Table | None:
         if not (final / "config.json").exists():
             continue
         sparse = (final / "masks.safetensors").exists()
-        summary = store.resolve(m.run_dir.parent.parent, m.ref).manifest().summary
+        summary = store.Run.at(m.run_dir).manifest().summary
         sparsity = summary.get("mask_sparsity", 0.0) if sparse else 0.0
         shown = sparsity if sparse else (1 - m.params / c.parent.params if c.parent else 0.0)
         flops = forward_flops(final, FLOPS_SEQ_LEN, 1.0 - sparsity)
@@ -545,10 +544,10 @@ def run_study_compare(run_dir: Path, study_run_dir: Path) -> dict[str, Any]:
     from .evaluate.stage import EvalConfig
     from .study import load_graph
 
-    run = store.Run(run_dir.parent.parent, run_dir.parent.name, int(run_dir.name[1:]))
+    run = store.Run.at(run_dir)
     run.update(status="running", started=store.now(), pid=os.getpid(), host=os.uname().nodename)
     try:
-        study_run = store.Run(study_run_dir.parent.parent, study_run_dir.parent.name, int(study_run_dir.name[1:]))
+        study_run = store.Run.at(study_run_dir)
         graph, _ = load_graph(study_run)
         study = recipes.load_run_recipe(study_run.dir)
         eval_cfg = EvalConfig.model_validate(graph["eval"])

@@ -225,6 +225,13 @@ def slurm_state(job_id: str) -> str | None:
     return _SQUEUE["states"].get(str(job_id))
 
 
+def job_alive(manifest) -> bool:
+    """A run's job still queued or running: Slurm's word for Slurm jobs, the process table for local ones."""
+    if manifest.executor == "slurm" and manifest.job_ids:
+        return slurm_state(manifest.job_ids[-1]) is not None
+    return manifest.status in ("running", "pending") and pid_alive(manifest.pid, manifest.host)
+
+
 def pid_alive(pid: int | None, host: str | None) -> bool:
     """A live process on this host (a zombie left by a killed parent counts as dead)."""
     if not pid or host != socket.gethostname():

@@ -37,7 +37,7 @@ def plot_all(c, out: Path) -> list[Path]:
 
 def token_budgets(c, path: Path, plt) -> Path:
     """Figure 3: held-out loss and average accuracy against retraining tokens, S_N and P-R_N per method."""
-    from .compare import value
+    from .compare import short_tokens, value
 
     rows = [k for k in ("loss" if "loss" in c.metrics else f"ppl:{c.perplexity}", "avg") if k in c.metrics]
     labels = {"loss": "held-out loss (lower is better)", "avg": "average accuracy % (higher is better)"}
@@ -54,7 +54,7 @@ def token_budgets(c, path: Path, plt) -> Path:
                     ax.plot(*zip(*pts), marker="o", color=color, label=who)
             if len(xs) > 1:
                 ax.set_xscale("log")
-            ax.set_xticks(xs, [_short(x) for x in xs])
+            ax.set_xticks(xs, [short_tokens(x) for x in xs])
             ax.set_xlabel("retraining tokens")
             if j == 0:
                 ax.set_ylabel(labels.get(key, key.replace("ppl:", "perplexity ")))
@@ -119,9 +119,3 @@ def total_budget(c, path: Path, plt) -> Path:
                             [value(r.total, key)[0] for r in members], [value(r.headline.retrain, key)[0] for r in members],
                             "S_total", "P-R_N", TOTAL, label, key != "avg")
 
-
-def _short(n: int) -> str:
-    for unit, size in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(n)

@@ -89,6 +89,18 @@ class Run:
     name: str
     version: int
 
+    @classmethod
+    def at(cls, run_dir: Path) -> Run:
+        """The run whose directory is runs/<name>/vNNN, complete or not."""
+        run_dir = Path(run_dir)
+        return cls(run_dir.parent.parent, run_dir.parent.name, int(run_dir.name[1:]))
+
+    @classmethod
+    def of(cls, root: Path, ref: str) -> Run:
+        """name@vNNN as a Run, complete or not (resolve() insists on complete)."""
+        name, _, version = ref.partition("@")
+        return cls(root, name, int(version.removeprefix("v")))
+
     @property
     def dir(self) -> Path:
         return self.root / self.name / f"v{self.version:03d}"

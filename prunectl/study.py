@@ -22,6 +22,7 @@ from pydantic import Field
 
 from . import store
 from .errors import PrunectlError
+from .launch import job_alive
 from .schema import Strict
 
 GROUPS = ("parent", "prune", "sweep", "retrain", "scratch", "eval", "compare")
@@ -57,7 +58,7 @@ class Node:
 
 
 def run_dir(root: Path, ref: str) -> Path:
-    """The directory of name@vNNN, complete or not."""
+    """The directory of name@vNNN, complete or not (the `vNNN` placeholder of a dry run too)."""
     name, _, version = ref.partition("@")
     return root / name / version
 
@@ -155,20 +156,20 @@ class Planner:
         unpinned = recipes.dump(recipes.resolve(node.source, [o for o in node.overrides if o not in node.pins]))
         expected = _expected_inputs(node)
         for run in reversed(store.versions(self.root, r.name)):
-            stored, manifest = run.dir / "recipe.yaml", run.manifest()
-            if manifest is None or not stored.exists():
+            path, manifest = run.dir / "recipe.yaml", run.manifest()
+            if manifest is None or not path.exists():
                 continue
-            same = stored.read_text() == text or (
-                stored.read_text() == unpinned and manifest.status == "complete"
-                and all(manifest.inputs.get(k) == v for k, v in expected.items()))
+            stored = path.read_text()
+            same = stored == text or (stored == unpinned and manifest.status == "complete"
+                                      and all(manifest.inputs.get(k) == v for k, v in expected.items()))
             if not same and getattr(manifest, "lr_sweep", None):  # the sweep's winner replaced optimizer.lr
                 chosen = [*node.overrides, f"optimizer.lr={manifest.lr_sweep['chosen_lr']!r}"]
-                same = stored.read_text() == recipes.dump(recipes.resolve(node.source, chosen))
+                same = stored == recipes.dump(recipes.resolve(node.source, chosen))
             if not same:
                 continue
             if manifest.status == "complete":
                 node.ref, node.state = run.ref, "reused"
-            elif _alive(manifest):
+            elif job_alive(manifest):
                 node.ref, node.state = run.ref, "in-flight"
                 node.job = manifest.job_ids[-1] if manifest.job_ids else None
             else:
@@ -219,14 +220,6 @@ def _pin(recipe, field_name: str, ref: str | None, names: dict[str, str]) -> lis
         return []
     pinned = ref if ref is not None else names.get(str(current).split("@")[0])
     return [f"{field_name}={pinned}"] if pinned else []
-
-
-def _alive(manifest) -> bool:
-    from . import launch
-
-    if manifest.executor == "slurm" and manifest.job_ids:
-        return launch.slurm_state(manifest.job_ids[-1]) is not None
-    return manifest.status in ("running", "pending") and launch.pid_alive(manifest.pid, manifest.host)
 
 
 # ---------------------------------------------------------------------------- submission
@@ -310,7 +303,7 @@ def _inputs_ready(root: Path, node: Node, by_key: dict[str, Node]) -> bool:
     if node.group == "compare" or not missing:
         return True
     if node.group != "eval":
-        store.Run(root, *_split(node.ref)).update(status="failed", finished=store.now(),
+        store.Run.of(root, node.ref).update(status="failed", finished=store.now(),
                                                    note=f"inputs did not complete: {', '.join(missing)}")
     node.state = "skipped"
     return False
@@ -319,20 +312,15 @@ def _inputs_ready(root: Path, node: Node, by_key: dict[str, Node]) -> bool:
 def _node_complete(root: Path, node: Node) -> bool:
     if node.group == "eval":
         return bool(node.results) and Path(node.results).exists()
-    manifest = store.Run(root, *_split(node.ref)).manifest()
+    manifest = store.Run.of(root, node.ref).manifest()
     return manifest is not None and manifest.status == "complete"
-
-
-def _split(ref: str) -> tuple[str, int]:
-    name, _, version = ref.partition("@")
-    return name, int(version.removeprefix("v"))
 
 
 def _record(root: Path, nodes: list[Node], jobs: list, echo, dependency: str | None) -> None:
     for n, job in zip(nodes, jobs):
         n.job = str(job.job_id)
         if n.group != "eval":
-            run = store.Run(root, *_split(n.ref))
+            run = store.Run.of(root, n.ref)
             run.update(job_ids=[*run.manifest().job_ids, n.job])
         echo(f"submitted {n.group} {n.ref} as job {n.job}"
              + (f" (after jobs {dependency.removeprefix('afterany:').replace(':', ', ')})" if dependency else ""))
@@ -395,7 +383,7 @@ def start(stage: str, run_dir_: Path, opts: dict[str, Any]) -> None:
     from . import recipe as recipes
     from . import sweep as sweeps
 
-    run = store.Run(run_dir_.parent.parent, run_dir_.parent.name, int(run_dir_.name[1:]))
+    run = store.Run.at(run_dir_)
     rank = _rank()
     try:
         r = recipes.load_run_recipe(run.dir)
@@ -424,7 +412,7 @@ def start(stage: str, run_dir_: Path, opts: dict[str, Any]) -> None:
 
 
 def check_eval_target(run_dir_: Path) -> None:
-    run = store.Run(run_dir_.parent.parent, run_dir_.parent.name, int(run_dir_.name[1:]))
+    run = store.Run.at(run_dir_)
     manifest = run.manifest()
     if manifest is None or manifest.status != "complete":
         raise PrunectlError(f"{run.ref}: is {manifest.status if manifest else 'missing'}, not complete; nothing to evaluate")
@@ -454,17 +442,17 @@ def node_state(root: Path, node: Node) -> tuple[str, str]:
         live = launch.slurm_state(node.job) if node.job else None
         if live:
             return live.lower(), ""
-        target = store.Run(root, *_split(node.ref)).manifest() if not node.ref.endswith("@vNNN") else None
+        target = store.Run.of(root, node.ref).manifest() if not node.ref.endswith("@vNNN") else None
         if target is not None and target.status == "failed":
             return "failed", f"{node.ref} failed"
         return ("failed", "no results; see its log") if node.job else (node.state if node.state == "planned" else "pending", "")
     if node.ref is None or node.ref.endswith("@vNNN"):
         return node.state, ""
-    manifest = store.Run(root, *_split(node.ref)).manifest()
+    manifest = store.Run.of(root, node.ref).manifest()
     if manifest is None:
         return "missing", ""
     state = manifest.status
-    if state in ("pending", "running") and not _alive(manifest):
+    if state in ("pending", "running") and not job_alive(manifest):
         state = f"{state} (lost)"
     if state == "complete" and node.state == "reused":
         state = "reused"

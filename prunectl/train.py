@@ -229,7 +229,7 @@ def train(run_dir: Path) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
-    run = store.Run(run_dir.parent.parent, run_dir.parent.name, int(run_dir.name[1:]))
+    run = store.Run.at(run_dir)
     inputs = run.manifest().inputs
     objective = objective_for(run.root, recipe, inputs)
     result = fit(run, recipe.train, recipe.optimizer, objective, inputs["data"])

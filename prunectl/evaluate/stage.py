@@ -131,7 +131,7 @@ def run_eval(run_dir: Path, cfg_json: str, force: bool = False) -> dict[str, Any
     threads = int(os.environ.get("PRUNECTL_THREADS", "0"))
     if threads and not cuda:
         torch.set_num_threads(threads)
-    run = store.Run(run_dir.parent.parent, run_dir.parent.name, int(run_dir.name[1:]))
+    run = store.Run.at(run_dir)
     manifest = run.manifest()
     started = time.perf_counter()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -146,7 +146,7 @@ def prune(run_dir: Path) -> dict[str, Any]:
     from ..recipe import PruneRecipe
 
     run_dir = Path(run_dir)
-    run = store.Run(run_dir.parent.parent, run_dir.parent.name, int(run_dir.name[1:]))
+    run = store.Run.at(run_dir)
     recipe = PruneRecipe.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
     manifest = run.manifest()
     if recipe.prune.method == "sheared-llama":
