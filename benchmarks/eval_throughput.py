@@ -35,9 +35,34 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def load(model_dir: Path | None, vocab: int | None, docs: int):
+    """(model, tokenizer, texts): the trained tiny parent (or model_dir), or with a vocabulary size a
+    seeded random Llama of the tiny parent's shape with that vocabulary; the first `docs` documents of
+    the tiny data's validation range."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prunectl import model as models
+    from prunectl import recipe as recipes
+    from prunectl import store
+    from prunectl.data import deal_ranges, read_documents
+
+    parent = store.resolve(store.runs_root(), "tiny-parent@latest").final
+    tokenizer = AutoTokenizer.from_pretrained(model_dir or parent)
+    if vocab is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir or parent, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        shape = recipes.resolve(str(REPO / "recipes/tiny/parent.yaml")).model
+        model = models.build(models.llama_config(shape, vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, None), seed=0)
+    data = recipes.resolve(str(REPO / "recipes/tiny/data.yaml")).data
+    texts = deal_ranges(read_documents(data), data.ranges, data.seed)["validation"][:docs]
+    return model.eval(), tokenizer, texts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--vocab", type=int, default=None, help="a random Llama of the tiny shape with this vocabulary")
     ap.add_argument("--docs", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
@@ -49,24 +74,15 @@ def main() -> None:
     import torch
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
-    from transformers import AutoTokenizer
 
-    from prunectl import recipe as recipes
-    from prunectl import store
-    from prunectl.data import deal_ranges, read_documents
     from prunectl.evaluate.perplexity import score_windows, text_windows
 
     torch.set_num_threads(args.threads)
-    model_dir = args.model or store.resolve(store.runs_root(), "tiny-parent@latest").final
-    data = recipes.resolve(str(REPO / "recipes/tiny/data.yaml")).data
-    texts = deal_ranges(read_documents(data), data.ranges, data.seed)["validation"][: args.docs]
-
-    lm = HFLM(pretrained=str(model_dir), device="cpu", batch_size=args.batch, dtype="float32",
+    model, tokenizer, texts = load(args.model, args.vocab, args.docs)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=args.batch,
               max_length=args.max_length, add_bos_token=False)
-    lm_default = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, device="cpu", dtype="float32",
+    lm_default = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu",
                       max_length=args.max_length, add_bos_token=False)  # batch_size: lm-eval's default
-    model = lm.model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=0) for t in texts]
     device = torch.device("cpu")
 
@@ -82,7 +98,8 @@ def main() -> None:
         return total, time.perf_counter() - start
 
     tokens = sum(len(w.targets) for t in texts for w in text_windows(tokenizer, [t], args.max_length, None))
-    print(f"model {model_dir}\n{len(texts)} texts, {tokens:,} tokens scored, windows of {args.max_length}, "
+    name = f"random Llama, tiny shape, vocabulary {args.vocab:,}" if args.vocab else args.model or "tiny-parent@latest"
+    print(f"model {name}\n{len(texts)} texts, {tokens:,} tokens scored, windows of {args.max_length}, "
           f"batch {args.batch}, {args.threads} threads")
     sides = [("lm-eval-1", lambda: lm_eval_side(lm_default)), (f"lm-eval-{args.batch}", lambda: lm_eval_side(lm)),
              ("prunectl", prunectl_side)]

@@ -294,11 +294,20 @@ def _job_over(job) -> bool:
         return True
     from . import launch
 
-    for _ in range(3):  # a requeued job is briefly absent between its two lives
-        if launch.slurm_state(str(job.job_id)) is not None:
-            return False
-        time.sleep(2)
+    try:
+        for _ in range(3):  # a requeued job is briefly absent between its two lives
+            if launch.slurm_state(str(job.job_id)) is not None:
+                return False
+            time.sleep(2)
+    except launch.SlurmUnreachable as e:  # unknown is not over: keep waiting, and say why once
+        if str(e) not in _WARNED:
+            _WARNED.add(str(e))
+            err_console.print(f"[yellow]{e}; still waiting", highlight=False)
+        return False
     return True
+
+
+_WARNED: set[str] = set()
 
 
 def _progress_of(run: store.Run) -> dict:
@@ -561,7 +570,7 @@ def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
     console.print(f"study {study_run.ref}: graph in {study_run.dir / 'graph.json'}; `prunectl status {r.name}` follows it")
     if executor == "slurm" and wait:
         compare_node, last = planner.nodes[-1], ""
-        while studies.node_state(root, compare_node)[0] in ("new", "pending", "running"):
+        while studies.node_state(root, compare_node)[0] in ("new", "pending", "running", "unknown"):
             states = [studies.node_state(root, n)[0].split()[0] for n in planner.nodes]
             line = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
             if line != last:  # one line whenever a node changes state
@@ -670,6 +679,7 @@ def status(
         if store.versions(root, sweep_name(names[0])):
             names.append(sweep_name(names[0]))
     table = Table("run", "stage", "status", "job", "slurm", "tokens", "lr", "created", "note", box=None)
+    unreachable = None
     for name in names:
         for run in store.versions(root, name):
             m = run.manifest()
@@ -677,19 +687,25 @@ def status(
                 table.add_row(run.ref, "?", "[yellow]allocating", "", "", "", "", "no manifest yet")
                 continue
             job = m.job_ids[-1] if m.job_ids else ""
-            slurm = launch.slurm_state(job) if job and m.executor == "slurm" else None
             state = m.status
-            if state in ("running", "pending") and not job_alive(m):
-                state = f"{state} (lost)"
+            try:
+                slurm = launch.slurm_state(job) if job and m.executor == "slurm" else None
+                if state in ("running", "pending") and not job_alive(m):
+                    state = f"{state} (lost)"
+            except launch.SlurmUnreachable as e:
+                slurm, unreachable = "unknown", str(e)
             color = {"complete": "green", "failed": "red"}.get(m.status, "yellow")
             tokens = m.data.tokens if m.data else m.summary.get("tokens")
             table.add_row(run.ref, m.stage, f"[{color}]{state}", job, slurm or "", f"{tokens:,}" if tokens else "",
                           _lr_cell(run, m), m.created.replace("T", " ")[:19], m.note or "")
     console.print(table)
+    if unreachable:
+        err_console.print(f"[yellow]job states of running Slurm jobs are unknown[/]: {unreachable}", highlight=False)
 
 
 def _show_study(root: Path, recipe: str) -> bool:
     """`status STUDY`: the newest submission's graph with each node's state now."""
+    from . import launch
     from . import study as studies
 
     name = recipes.resolve(recipe).name if recipe.endswith((".yaml", ".yml")) else recipe
@@ -701,6 +717,8 @@ def _show_study(root: Path, recipe: str) -> bool:
     _print_graph(root, nodes, live=True)
     states = [studies.node_state(root, n)[0].split()[0] for n in nodes]
     console.print(", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states)))
+    if "unknown" in states:
+        err_console.print(f"[yellow]unknown[/]: {launch.squeue_error()}", highlight=False)
     return True
 
 

@@ -202,27 +202,51 @@ def batch_script(folder: Path, res: Resources, name: str, dependency: str | None
     return slurm._make_sbatch_string(command=command, folder=folder, **ex.parameters)
 
 
-_SQUEUE: dict[str, Any] = {"at": -1.0, "states": {}}
+class SlurmUnreachable(PrunectlError):
+    """squeue gave no answer: the jobs' states are unknown, which is not the same as gone."""
+
+
+_SQUEUE: dict[str, Any] = {"at": -1.0, "states": {}, "error": None}
 
 
 def slurm_state(job_id: str) -> str | None:
-    """The job's state from squeue (None once Slurm has forgotten it, or without Slurm).
+    """The job's state from squeue, or None once Slurm has forgotten it; SlurmUnreachable if squeue fails.
 
     One `squeue` listing of this user's jobs (array tasks one per line) serves every lookup for a second,
-    so following a study of hundreds of jobs costs one scheduler query per poll, not one per job."""
+    so following a study of hundreds of jobs costs one scheduler query per poll, not one per job. A
+    failure is kept for 30 s, so a status listing waits for a dead controller once, not once per job."""
+    now = time.monotonic()
+    if now - _SQUEUE["at"] > (30.0 if _SQUEUE["error"] else 1.0):
+        _SQUEUE.update(at=time.monotonic(), **_squeue())
+    if _SQUEUE["error"]:
+        raise SlurmUnreachable(_SQUEUE["error"])
+    return _SQUEUE["states"].get(str(job_id))
+
+
+def squeue_error() -> str | None:
+    """Why the last squeue call failed, if it did."""
+    return _SQUEUE["error"]
+
+
+def _squeue() -> dict[str, Any]:
     import getpass
 
-    now = time.monotonic()
-    if now - _SQUEUE["at"] > 1.0:
-        try:
-            out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i %T"],
-                                 capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        if out.returncode != 0:
-            return None
-        _SQUEUE.update(at=now, states=dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2))
-    return _SQUEUE["states"].get(str(job_id))
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i %T"],
+                             capture_output=True, text=True, timeout=10)
+    except FileNotFoundError:
+        why = "squeue is not installed here (run prunectl on the cluster's login node)"
+    except subprocess.TimeoutExpired:
+        why = "squeue did not answer in 10 s"
+    except OSError as e:
+        why = f"squeue: {e}"
+    else:
+        if out.returncode == 0:
+            lines = (line.split() for line in out.stdout.splitlines())
+            return {"states": dict(f[:2] for f in lines if len(f) >= 2), "error": None}
+        why = f"squeue: {(out.stderr.strip().splitlines() or [f'exit code {out.returncode}'])[-1]}"
+    return {"states": {}, "error": f"cannot read Slurm job states, {why}; is the controller up? "
+                                   "(for the local test cluster: make slurm-up)"}
 
 
 def job_alive(manifest) -> bool:

@@ -431,7 +431,16 @@ def _rank() -> int:
 
 
 def node_state(root: Path, node: Node) -> tuple[str, str]:
-    """(state, note) now, from the node's run (or results file)."""
+    """(state, note) now, from the node's run (or results file); 'unknown' while Slurm does not answer."""
+    from . import launch
+
+    try:
+        return _node_state(root, node)
+    except launch.SlurmUnreachable:
+        return "unknown", "Slurm did not answer"
+
+
+def _node_state(root: Path, node: Node) -> tuple[str, str]:
     from . import launch
 
     if node.group == "eval":

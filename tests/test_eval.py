@@ -25,12 +25,13 @@ launch: {tasks_per_node: 1, cpus_per_task: 2, time_min: 15}
 """
 
 
-def test_perplexity_agrees_with_lm_eval_rolling_loglikelihood(workspace, tmp_path):
+def test_perplexity_agrees_with_lm_eval_rolling_loglikelihood(workspace, tmp_path, monkeypatch):
     import torch
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from prunectl.evaluate import perplexity
     from prunectl.evaluate.perplexity import score_windows, text_windows
 
     tokenizer = AutoTokenizer.from_pretrained(workspace["runs"] / "test-data" / "v001" / "tokenizer")
@@ -48,9 +49,15 @@ def test_perplexity_agrees_with_lm_eval_rolling_loglikelihood(workspace, tmp_pat
     reference = lm.loglikelihood_rolling(
         [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=0) for t in texts], disable_tqdm=True)
     model.eval()
-    ours = [score_windows(model, text_windows(tokenizer, [t], 32, None), 3, torch.device("cpu")).log_likelihood
-            for t in texts]
-    assert np.allclose(ours, reference, rtol=1e-4, atol=0), (ours, reference)
+
+    def ours() -> list[float]:
+        return [score_windows(model, text_windows(tokenizer, [t], 32, None), 3, torch.device("cpu")).log_likelihood
+                for t in texts]
+
+    monkeypatch.setattr(perplexity, "_HEAD_SLICE", 7 * config.vocab_size)  # the head runs on 7 positions at a time
+    assert np.allclose(ours(), reference, rtol=1e-4, atol=0), (ours(), reference)
+    monkeypatch.setattr(model.config, "model_type", "not-llama")  # the plain path: full logits, then gather
+    assert np.allclose(ours(), reference, rtol=1e-4, atol=0), (ours(), reference)
 
 
 @pytest.fixture(scope="module")
