@@ -165,6 +165,7 @@ def submit(kind: Executor, res: Resources, name: str, stage: str, run_dirs: list
            dependency: str | None = None) -> list:
     """One job per run directory; several go out as one job array sharing one submitit folder."""
     options = options or [None] * len(run_dirs)
+    _SQUEUE["at"] = -1.0  # a listing taken before these jobs existed would call them gone
     jobs_of = [StageJob(stage, str(d), res.cpus_per_task, o) for d, o in zip(run_dirs, options)]
     if len(run_dirs) == 1:
         ex = make_executor(kind, folder or run_dirs[0] / "logs", res, name, dependency)

@@ -70,24 +70,41 @@ def token_budgets(c, path: Path, plt) -> Path:
 
 def _bars_with_delta(plt, path: Path, title: str, names: list[str], left: list, right: list, left_label: str,
                      right_label: str, left_color: str, ylabel: str, lower_better: bool) -> Path:
+    """Paired bars of (value, stderr) with stderr whiskers, and the gain below: a hatched, pale gain
+    lies within the combined standard error (the tables' `~`)."""
+    import math
+
     import numpy as np
 
     x = np.arange(len(names))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(5, 1.2 * len(names) + 2), 5.5), sharex=True,
                                       gridspec_kw={"height_ratios": [2, 1]}, constrained_layout=True)
-    top.bar(x - 0.2, [v if v is not None else 0 for v in left], 0.4, color=left_color, label=left_label)
-    top.bar(x + 0.2, [v if v is not None else 0 for v in right], 0.4, color=PRUNED, label=right_label)
+    for side, shift, color, label in ((left, -0.2, left_color, left_label), (right, 0.2, PRUNED, right_label)):
+        errs = [se or 0 for _, se in side]
+        top.bar(x + shift, [v if v is not None else 0 for v, _ in side], 0.4, color=color, label=label,
+                yerr=errs if any(errs) else None, capsize=3, error_kw={"elinewidth": 0.8})
     top.set_ylabel(ylabel)
-    values = [v for v in left + right if v is not None]
+    values = [v + k * (se or 0) for v, se in left + right if v is not None for k in (-1, 1)]
     if values:
         lo, hi = min(values), max(values)
         top.set_ylim(max(0, lo - 0.15 * (hi - lo + 1e-9)), hi + 0.1 * (hi - lo + 1e-9))
     top.legend(fontsize=8)
     top.set_title(title)
-    deltas = [((a - b) if lower_better else (b - a)) if a is not None and b is not None else 0 for a, b in zip(left, right)]
-    bottom.bar(x, deltas, 0.5, color=[PRUNED if d >= 0 else "#c0392b" for d in deltas])
+    deltas, noise = [], []
+    for (a, sa), (b, sb) in zip(left, right):
+        deltas.append(((a - b) if lower_better else (b - a)) if a is not None and b is not None else 0)
+        noise.append(math.hypot(sa or 0, sb or 0))
+    within = [abs(d) <= n for d, n in zip(deltas, noise)]
+    bars = bottom.bar(x, deltas, 0.5, color=[PRUNED if d >= 0 else "#c0392b" for d in deltas],
+                      yerr=noise if any(noise) else None, capsize=3, error_kw={"elinewidth": 0.8})
+    for bar, inside in zip(bars, within):
+        if inside:
+            bar.set_alpha(0.35)
+            bar.set_hatch("//")
     bottom.axhline(0, color="black", linewidth=0.8)
     bottom.set_ylabel(f"{right_label} gain")
+    if any(within):
+        bottom.set_title("hatched: within the combined standard error", fontsize=8)
     bottom.set_xticks(x, names, fontsize=8)
     for ax in (top, bottom):
         ax.grid(axis="y", alpha=0.3)
@@ -104,8 +121,8 @@ def model_sizes(c, path: Path, plt) -> Path:
     members = sorted((r for r in c.methods if r.headline.scratch), key=lambda r: (r.family, -r.headline.retrain.nonzero))
     names = [f"{r.label}\n{r.headline.retrain.nonzero / 1e6:.2f}M" for r in members]
     return _bars_with_delta(plt, path, "P-R_N against S_N by model size (non-zero parameters)", names,
-                            [value(r.headline.scratch, key)[0] for r in members],
-                            [value(r.headline.retrain, key)[0] for r in members],
+                            [value(r.headline.scratch, key) for r in members],
+                            [value(r.headline.retrain, key) for r in members],
                             "S_N", "P-R_N", SCRATCH, label, key != "avg")
 
 
@@ -116,6 +133,6 @@ def total_budget(c, path: Path, plt) -> Path:
     key, label = _bar_metric(c)
     members = [r for r in c.methods if r.total]
     return _bars_with_delta(plt, path, "P-R_N against S_total (equal total tokens)", [r.label for r in members],
-                            [value(r.total, key)[0] for r in members], [value(r.headline.retrain, key)[0] for r in members],
+                            [value(r.total, key) for r in members], [value(r.headline.retrain, key) for r in members],
                             "S_total", "P-R_N", TOTAL, label, key != "avg")
 

@@ -39,8 +39,8 @@ def test_study_mistakes_are_one_line_each_before_anything_is_written(tmp_path):
     bad.write_text("name: s\nstage: study\nparent: nope.yaml\neval: eval.yaml\nmethods: []\n")
     err = refused(env, runs, "study", str(bad))
     assert err.strip().splitlines() == ["error: methods: List should have at least 1 item after validation, not 0 (got [])"]
-    bad.write_text(f"name: s\nstage: study\nparent: nope.yaml\neval: eval.yaml\nmethods:\n"
-                   f"  - {{label: D, prune: p.yaml, retrain: [r.yaml]}}\n")
+    bad.write_text("name: s\nstage: study\nparent: nope.yaml\neval: eval.yaml\nmethods:\n"
+                   "  - {label: D, prune: p.yaml, retrain: [r.yaml]}\n")
     assert refused(env, runs, "study", str(bad)).strip() == "error: nope.yaml: no such recipe file"
     err = refused(env, runs, "study", "recipes/tiny/parent.yaml")
     assert "is a pretrain recipe; `study` takes a recipe with stage: study" in err

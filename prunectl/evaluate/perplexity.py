@@ -99,8 +99,8 @@ def scored_log_likelihood(model, x: torch.Tensor, at: tuple[torch.Tensor, torch.
     import torch.nn.functional as F
 
     if model.config.model_type != "llama":
-        return -F.cross_entropy(model(input_ids=x).logits[at].float(), y, reduction="sum")
-    hidden = model.model(input_ids=x).last_hidden_state[at]
+        return -F.cross_entropy(model(input_ids=x, use_cache=False).logits[at].float(), y, reduction="sum")
+    hidden = model.model(input_ids=x, use_cache=False).last_hidden_state[at]
     head = model.get_output_embeddings()
     rows = max(1, _HEAD_SLICE // head.out_features)
     return -sum(F.cross_entropy(head(hidden[s : s + rows]).float(), y[s : s + rows], reduction="sum")
