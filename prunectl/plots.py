@@ -94,7 +94,7 @@ def _bars_with_delta(plt, path: Path, title: str, names: list[str], left: list, 
     for (a, sa), (b, sb) in zip(left, right):
         deltas.append(((a - b) if lower_better else (b - a)) if a is not None and b is not None else 0)
         noise.append(math.hypot(sa or 0, sb or 0))
-    within = [abs(d) <= n for d, n in zip(deltas, noise)]
+    within = [0 < n and abs(d) <= n for d, n in zip(deltas, noise)]  # losses carry no stderr
     bars = bottom.bar(x, deltas, 0.5, color=[PRUNED if d >= 0 else "#c0392b" for d in deltas],
                       yerr=noise if any(noise) else None, capsize=3, error_kw={"elinewidth": 0.8})
     for bar, inside in zip(bars, within):
