@@ -12,8 +12,8 @@ Two models, one after the other:
 
 Part 1, methods. A fresh copy of the parent (copy.deepcopy) is pruned by each method: magnitude, wanda
 and sparsegpt at 50% unstructured and at 2:4, and minitron-depth, minitron-width, flap and shortgpt at
-50% of parameters. The script calls the functions the `prune` stage calls (prunectl.prune.stage._sparse,
-_depth and _width) with the stage's Meter. The calibration batch comes from calibration.sample: the
+50% of parameters. The script calls what the `prune` stage calls: each method's apply() from the method
+table (prunectl.prune.methods) with the stage's Meter. The calibration batch comes from calibration.sample: the
 "calibration" range, seed 0, --*-samples sequences of --seq-len tokens. Held-out perplexity is
 exp(calibration.lm_loss) over the first --*-heldout tokens of the "validation" range, in --seq-len
 chunks (data.validation_starts + data.batch, as the stage's HeldOutConfig does). The columns are:
@@ -33,7 +33,7 @@ The 50M model is untrained, so its perplexities only show that each pruned model
 timings are the point.
 
 Part 2, shared statistics and vectorised N:M against a straightforward implementation. The script times
-the sequential layer-by-layer pass that _sparse runs (calibration.Layerwise; per layer, one forward
+the sequential layer-by-layer pass that sparse.apply_wanda / apply_sparsegpt run (calibration.Layerwise; per layer, one forward
 collects statistics, the masks are chosen, and one forward feeds the pruned layer's outputs onward) in
 two ways, on two fresh copies of the same parent with the same calibration batch:
 
@@ -53,7 +53,7 @@ first alternates from layer to layer, and successive passes (--repeats) also sta
 Short-lived load from other processes therefore falls on both sides alike, which matters on a shared
 2-core machine where one busy core can slow torch's two threads several times over. The masks and pruned
 weights of the two sides must be identical (torch.equal). The product side's masks must also equal
-stage._sparse's masks from part 1, which shows that the timed loop is the stage's loop.
+the method table's masks from part 1, which shows that the timed loop is the stage's loop.
 
     speedup = baseline seconds / product seconds
 
@@ -197,8 +197,9 @@ def run_method(parent, spec, ids, heldout, micro: int, candidates: int) -> dict:
 
     from prunectl import model as models
     from prunectl.prune import calibration as calib
-    from prunectl.prune import stage
-    from prunectl.prune.stage import PruneConfig, SearchConfig
+    from prunectl.prune.config import PruneConfig, SearchConfig
+    from prunectl.prune.context import Context
+    from prunectl.prune.meter import Meter
     from prunectl.prune.surgery import Shape
 
     label, method, ratio, pattern = spec
@@ -206,16 +207,12 @@ def run_method(parent, spec, ids, heldout, micro: int, candidates: int) -> dict:
     cfg = PruneConfig(method=method, ratio=ratio, pattern=pattern, search=SearchConfig(candidates=candidates))
     model = copy.deepcopy(parent)
     shape, before = Shape.of(model), models.parameter_counts(model)
-    meter = stage.Meter(device)
+    meter = Meter(device)
     report: dict = {"candidates": []}
-    marks, rss0 = cpu_marks(), stage.Meter._rss()
-    masks = {}
-    if method in stage.SPARSE:
-        pruned, masks = stage._sparse(model, ids if method in stage.CALIBRATED else None, cfg, micro, device, meter)
-    elif method in ("minitron-depth", "shortgpt"):
-        pruned = stage._depth(model, ids, cfg, micro, shape, meter, report)
-    else:
-        pruned = stage._width(model, ids, cfg, micro, device, shape, meter, report)
+    marks, rss0 = cpu_marks(), Meter._rss()
+    result = cfg.spec.apply(Context(model, ids if cfg.spec.calibrated else None, cfg, micro, device, shape, meter,
+                                    report, Path(".")))
+    pruned, masks = result.model, result.masks
     prune_phases = list(meter.phases)
     with meter.phase("held-out"):
         pruned.to(device)
@@ -242,7 +239,7 @@ def parent_row(parent, heldout, micro: int) -> dict:
 
     from prunectl import model as models
     from prunectl.prune import calibration as calib
-    from prunectl.prune.stage import Meter
+    from prunectl.prune.meter import Meter
 
     meter, marks = Meter(torch.device("cpu")), cpu_marks()
     with meter.phase("held-out"):
@@ -286,7 +283,7 @@ def loop_wanda_mask(weight, input_norm, ratio: float, nm):
 
 
 def select(layer, stats, i: int, method: str, ratio: float, nm, product: bool, masks: dict) -> None:
-    """_sparse's per-layer step: choose every Linear's mask from `stats` and prune it in place."""
+    """The sparse methods' per-layer step: choose every Linear's mask from `stats` and prune it in place."""
     from prunectl.prune import calibration as calib
     from prunectl.prune import sparse
 
@@ -320,7 +317,7 @@ def per_linear_stats(layer, walk, gram: bool) -> dict:
 
 
 def interleaved_pass(parent, ids, micro: int, method: str, ratio: float, nm, product_first: bool):
-    """The sequential pass of _sparse (Layerwise + each_layer's steps), run for both sides in lockstep.
+    """The sequential pass of the sparse methods (Layerwise + each_layer's steps), run for both sides in lockstep.
 
     Each side has its own copy of the parent and its own Layerwise activations. Layer by layer, one
     side does its step (move the layer in, collect statistics, select, forward the pruned layer
@@ -382,7 +379,7 @@ def compare(parent, spec, ids, micro: int, repeats: int, stage_masks: dict | Non
         assert mp.keys() == mb.keys() and not bad, f"{label}: masks or pruned weights differ: {bad[:3]}"
         if stage_masks:
             bad = [k for k in mp if not torch.equal(mp[k], stage_masks[k])]
-            assert mp.keys() == stage_masks.keys() and not bad, f"{label}: product pass != stage._sparse: {bad[:3]}"
+            assert mp.keys() == stage_masks.keys() and not bad, f"{label}: product pass != the method table's apply: {bad[:3]}"
         del models, masks
         for side in (True, False):
             sides[side].append(clocks[side])
@@ -417,7 +414,7 @@ def print_compare(results: list[dict]) -> None:
         verdict = "PASS" if res["speedup"] >= TARGET else "FAIL"
         print(f"speedup {res['label']:14s} = {res['speedup']:.3f} (median over passes of baseline s / product s; "
               f"median times {res['baseline']['total']:.2f} s / {res['product']['total']:.2f} s)   target {TARGET}   "
-              f"{verdict}   (masks identical{', and equal to stage._sparse' if res['stage_checked'] else ''})",
+              f"{verdict}   (masks identical{', and equal to the stage' if res['stage_checked'] else ''})",
               flush=True)
 
 

@@ -5,7 +5,7 @@ What it measures: steady-state training tokens/s (optimizer steps of global_batc
   bare      a plain loop: prunectl.model.build(seed), the batches of prunectl.data.SequencePlan in
             run order, torch.optim.AdamW with the recipe's hyperparameters, the recipe's LR schedule
             (prunectl.train.lr_factor via LambdaLR), grad clipping, fp32, loss.item() every step;
-  prunectl  the real engine, prunectl.train.train(run_dir) in this process (single gloo rank,
+  prunectl  the real engine, prunectl.stages.train.run(run, recipe) in this process (single gloo rank,
             DeepSpeed ZeRO), on a run directory set up the way `prunectl pretrain` sets it up;
 
 and the ratio prunectl / bare (target >= 0.9).
@@ -65,7 +65,7 @@ def steady(windows: list[tuple[int, float]], skip: int) -> float:
 
 
 def threads(r) -> int:
-    return r.launch.cpus_per_task or 1  # what launch.StageJob passes as PRUNECTL_THREADS
+    return r.launch.cpus_per_task or 1  # what launch.Threaded exports as PRUNECTL_THREADS
 
 
 def bare(r, runs: Path) -> dict:
@@ -113,7 +113,7 @@ def bare(r, runs: Path) -> dict:
 
 
 def prunectl_run(r, runs: Path) -> dict:
-    from prunectl.train import train
+    from prunectl.stages import train as train_stage
 
     run = store.allocate(runs, r.name)
     (run.dir / "recipe.yaml").write_text(recipes.dump(r))
@@ -122,7 +122,7 @@ def prunectl_run(r, runs: Path) -> dict:
     os.environ["PRUNECTL_THREADS"] = str(threads(r))
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the Reporter's per-window lines
-        train(run.dir)
+        train_stage.run(run, r)
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     records = [x for x in records if "tokens_per_s" in x]

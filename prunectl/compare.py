@@ -10,7 +10,6 @@ within the evaluation standard error are marked as such.
 from __future__ import annotations
 
 import csv
-import os
 import json
 import math
 import statistics
@@ -20,8 +19,10 @@ from typing import Any
 
 from pydantic import Field
 
-from . import store
+from . import lineage, store
+from .artifacts import EvalResults, PruneSummary, summary_of
 from .errors import PrunectlError
+from .evaluate.config import results_path
 from .schema import Strict
 
 FLOPS_SEQ_LEN = 2048  # Table 9: one forward pass at sequence length 2048
@@ -116,8 +117,6 @@ def _describe_use(m: Measured) -> str:
 
 def measure(root: Path, ref: str, eval_cfg, problems: list[str]) -> Measured | None:
     """A complete run's tokens and eval results; what is missing goes to `problems`."""
-    from .evaluate.stage import results_path
-
     try:
         run = store.resolve(root, ref)
     except PrunectlError as err:
@@ -128,19 +127,19 @@ def measure(root: Path, ref: str, eval_cfg, problems: list[str]) -> Measured | N
         problems.append(f"{run.ref}: no results of this eval configuration ({path.name}); "
                         f"run `prunectl eval <eval recipe> run={run.ref}`")
         return None
-    results = json.loads(path.read_text())
+    results = EvalResults.read(path)
     manifest = run.manifest()
-    tasks = results.get("zero_shot", {}).get("tasks", {})
+    tasks = results.zero_shot.tasks if results.zero_shot else {}
     return Measured(
         ref=run.ref,
         tokens=manifest.data.tokens if manifest.data else 0,
         data=manifest.data.data if manifest.data else None,
         intervals=_intervals(manifest.data),
-        loss=results.get("heldout", {}).get("loss"),
-        ppl={k: v["perplexity"] for k, v in results.get("perplexity", {}).items()},
-        acc={k: (t["value"], t.get(f"{t['metric']}_stderr") or 0.0) for k, t in tasks.items()},
-        params=results["parameters"]["total"],
-        nonzero=results["parameters"]["nonzero"],
+        loss=results.heldout.loss if results.heldout else None,
+        ppl={k: v.perplexity for k, v in results.perplexity.items()},
+        acc={k: (t.value, t.stderr or 0.0) for k, t in tasks.items()},
+        params=results.parameters["total"],
+        nonzero=results.parameters["nonzero"],
         run_dir=run.dir,
     )
 
@@ -152,14 +151,14 @@ def _lineage(root: Path, retrain: Measured) -> tuple[str, str | None, str, float
         raise PrunectlError(f"{retrain.ref}: is a {manifest.stage} run; a method's retrain entries are P-R_N (retrain) runs")
     prune_run = store.resolve(root, manifest.inputs["init"])
     pm = prune_run.manifest()
-    summary = pm.summary if pm.stage == "prune" else {}
-    return prune_run.ref, pm.inputs.get("parent"), summary.get("method", pm.stage), summary.get("target_ratio")
+    summary = summary_of(pm)
+    if isinstance(summary, PruneSummary):
+        return prune_run.ref, pm.inputs.get("parent"), summary.method, summary.target_ratio
+    return prune_run.ref, pm.inputs.get("parent"), pm.stage, None
 
 
 def build(root: Path, cfg: CompareConfig, eval_cfg, allow_mismatch: bool = False) -> Comparison:
     """Measure every run, pair them and check token matching; refuse (or flag) what does not match."""
-    from .retrain import parent_pretraining
-
     missing: list[str] = []
     mismatches: list[str] = []
     methods: list[MethodResult] = []
@@ -186,7 +185,7 @@ def build(root: Path, cfg: CompareConfig, eval_cfg, allow_mismatch: bool = False
             result.pairs.append(pair)
         result.pairs.sort(key=lambda p: p.n)
         if total is not None:
-            seen = parent_pretraining(root, store.resolve(root, retrains[0].ref))
+            seen = lineage.pretraining(root, store.resolve(root, retrains[0].ref))
             pretrained = _intervals(seen[1]) if seen else frozenset()
             pretrained_tokens = seen[1].tokens if seen else 0
             fits = [p for p in result.pairs
@@ -400,8 +399,7 @@ def efficiency_table(c: Comparison) -> Table | None:
         if not (final / "config.json").exists():
             continue
         sparse = (final / "masks.safetensors").exists()
-        summary = store.Run.at(m.run_dir).manifest().summary
-        sparsity = summary.get("mask_sparsity", 0.0) if sparse else 0.0
+        sparsity = (summary_of(store.Run.at(m.run_dir).manifest()).mask_sparsity or 0.0) if sparse else 0.0
         shown = sparsity if sparse else (1 - m.params / c.parent.params if c.parent else 0.0)
         flops = forward_flops(final, FLOPS_SEQ_LEN, 1.0 - sparsity)
         base = base or (flops if m is c.parent else None)
@@ -460,7 +458,7 @@ def to_latex(t: Table) -> str:
 
 
 def write(c: Comparison, out: Path) -> list[Path]:
-    """Markdown, CSV (one per table), LaTeX, JSON and the PNG figures into `out`."""
+    """Markdown, CSV (one per table), LaTeX and JSON into `out` (the figures: plots.plot_all)."""
     out.mkdir(parents=True, exist_ok=True)
     ts = tables(c)
     written = []
@@ -486,9 +484,6 @@ def write(c: Comparison, out: Path) -> list[Path]:
     js = out / "compare.json"
     js.write_text(json.dumps(data, indent=1) + "\n")
     written.append(js)
-    from .plots import plot_all
-
-    written += plot_all(c, out)
     return written
 
 
@@ -502,63 +497,3 @@ def _method_json(res: MethodResult, metrics: list[str]) -> dict[str, Any]:
             "headline_n": res.headline.n,
             "budgets": [{"n": p.n, "token_matched": p.matched, "P-R_N": run(p.retrain), "S_N": run(p.scratch)}
                         for p in res.pairs]}
-
-
-# ---------------------------------------------------------------------------- the compare run
-
-
-def publish(run: store.Run, recipe_text: str, c: Comparison, left_out: list[str]) -> list[Path]:
-    """Write everything into staging, move it into the run, then mark it complete."""
-    import os
-    import shutil
-
-    (run.dir / "recipe.yaml").write_text(recipe_text)
-    staging = run.dir / "staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    written = write(c, staging)
-    for path in written:
-        os.replace(path, run.dir / path.name)
-    staging.rmdir()
-    store.mark_complete(run, summary={"methods": len(c.methods), "finding_1": finding_1(c), "eval_key": c.eval_key,
-                                      "not_token_matched": c.problems, "left_out": left_out}, note=None)
-    return [run.dir / p.name for p in written]
-
-
-def complete_methods(root: Path, methods: list[dict[str, Any]], eval_cfg) -> tuple[list[MethodRuns], list[str]]:
-    """A study's methods whose runs all completed and were evaluated; the others, each with its first reason."""
-    kept, left_out = [], []
-    for m in methods:
-        spec = MethodRuns.model_validate(m)
-        problems: list[str] = []
-        for ref in [*spec.retrain, *spec.scratch, *([spec.total] if spec.total else [])]:
-            measure(root, ref, eval_cfg, problems)
-        (left_out.append(f"{spec.label}: {problems[0]}") if problems else kept.append(spec))
-    if not kept:
-        raise PrunectlError("no method of the study has complete, evaluated runs: " + "; ".join(left_out))
-    return kept, left_out
-
-
-def run_study_compare(run_dir: Path, study_run_dir: Path) -> dict[str, Any]:
-    """A study's last job: compare every method whose runs completed (the others are named in the summary)."""
-    from . import recipe as recipes
-    from .evaluate.stage import EvalConfig
-    from .study import load_graph
-
-    run = store.Run.at(run_dir)
-    run.update(status="running", started=store.now(), pid=os.getpid(), host=os.uname().nodename)
-    try:
-        study_run = store.Run.at(study_run_dir)
-        graph, _ = load_graph(study_run)
-        study = recipes.load_run_recipe(study_run.dir)
-        eval_cfg = EvalConfig.model_validate(graph["eval"])
-        methods, left_out = complete_methods(run.root, graph["methods"], eval_cfg)
-        cfg = CompareConfig(perplexity=study.perplexity, methods=methods)
-        c = build(run.root, cfg, eval_cfg)
-        text = recipes.dump(recipes.CompareRecipe(name=run.name, stage="compare", eval=eval_cfg, compare=cfg,
-                                                  description=f"the comparison of study {study_run.ref}"))
-        publish(run, text, c, left_out)
-        return {"finding_1": finding_1(c), "left_out": left_out}
-    except BaseException as err:
-        note = "; ".join(err.problems) if isinstance(err, PrunectlError) else f"{type(err).__name__}: {err}"
-        run.update(status="failed", finished=store.now(), note=note.splitlines()[0][:500])
-        raise

@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -24,6 +24,9 @@ from pydantic import Field, model_validator
 from .errors import PrunectlError
 from .evaluate.choice_task import ChoiceTaskConfig
 from .schema import Strict
+
+if TYPE_CHECKING:
+    from .artifacts import DataMeta
 
 REQUIRED_RANGES = ("pretrain", "retrain", "validation")
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -329,26 +332,28 @@ class TokenStream:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.meta = json.loads((self.folder / "data.json").read_text())
-        dtype = np.dtype(self.meta["dtype"])
+        from .artifacts import DataMeta
+
+        self.meta = DataMeta.read(self.folder)
+        dtype = np.dtype(self.meta.dtype)
         self.shards = [
             np.memmap(self.folder / "tokens" / f"{i:05d}.bin", dtype=dtype, mode="r", shape=(n,))
-            for i, n in enumerate(self.meta["shards"])
+            for i, n in enumerate(self.meta.shards)
         ]
-        self.bounds = np.concatenate([[0], np.cumsum(self.meta["shards"])])
+        self.bounds = np.concatenate([[0], np.cumsum(self.meta.shards)])
 
     @property
     def vocab_size(self) -> int:
-        return int(self.meta["tokenizer"]["vocab_size"])
+        return self.meta.tokenizer.vocab_size
 
     def range(self, name: str) -> TokenRange:
         try:
-            r = self.meta["ranges"][name]
+            r = self.meta.ranges[name]
         except KeyError:
             raise PrunectlError(
-                f"data range '{name}' does not exist; this data has {', '.join(self.meta['ranges'])}"
+                f"data range '{name}' does not exist; this data has {', '.join(self.meta.ranges)}"
             ) from None
-        return TokenRange(name, r["start"], r["end"])
+        return TokenRange(name, r.start, r.end)
 
     def read(self, start: int, length: int) -> np.ndarray:
         out = np.empty(length, dtype=np.int64)
@@ -356,7 +361,7 @@ class TokenStream:
         shard = int(np.searchsorted(self.bounds, start, side="right") - 1)
         while filled < length:
             offset = pos - self.bounds[shard]
-            take = min(length - filled, self.meta["shards"][shard] - offset)
+            take = min(length - filled, self.meta.shards[shard] - offset)
             out[filled : filled + take] = self.shards[shard][offset : offset + take]
             filled += take
             pos += take
@@ -364,7 +369,7 @@ class TokenStream:
         return out
 
 
-def prepare(config: DataConfig, out: Path, progress=None) -> dict[str, Any]:
+def prepare(config: DataConfig, out: Path, progress=None) -> DataMeta:
     """Write tokenizer/, tokens/*.bin and data.json into `out`; returns the metadata."""
     docs = read_documents(config)
     dealt = deal_ranges(docs, config.ranges, config.seed)
@@ -415,8 +420,11 @@ def prepare(config: DataConfig, out: Path, progress=None) -> dict[str, Any]:
             raise PrunectlError(f"data.choice_task: {err}") from None
         choice_task.write(items, out / "tasks" / "continuation.jsonl")
         meta["choice_task"] = {"file": "tasks/continuation.jsonl", "items": len(items), **config.choice_task.model_dump()}
-    (out / "data.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
+    from .artifacts import DataMeta
+
+    typed = DataMeta.model_validate(meta)
+    typed.write(out)
+    return typed
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -489,3 +497,12 @@ def validation_starts(stream: TokenStream, name: str, seq_len: int, max_tokens: 
     if n == 0:
         raise PrunectlError(f"data range '{name}' holds fewer than seq_len={seq_len} tokens")
     return r.start + np.arange(n, dtype=np.int64) * seq_len
+
+
+class HeldOutConfig(Strict):
+    """Mean next-token loss on the first `tokens` of a held-out range, in non-overlapping windows (the
+    paper's DCLM loss). Prune scores it before and after pruning, eval stores it with the model."""
+
+    range: str = "validation"
+    tokens: int = Field(65536, ge=0, description="0 skips it")
+    seq_len: int = Field(256, ge=8)

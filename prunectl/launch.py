@@ -1,4 +1,8 @@
-"""submitit executors (slurm | local | debug), Slurm profiles, and the distributed environment of a rank."""
+"""Submission: submitit executors (slurm | local | debug), Slurm profiles, job arrays, dependencies and job states.
+
+The launcher runs callables and knows no stage: what a job does is the callable it is handed
+(stages/__init__.py builds them). What runs on a rank once the job starts is in distributed.py.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, Field
@@ -88,39 +92,15 @@ def resources(config: LaunchConfig, profile: str | None = None) -> Resources:
 
 
 @dataclass
-class StageJob:
-    """What submitit pickles and runs on every rank: one stage on one run directory."""
+class Threaded:
+    """What submitit pickles and runs on every rank: a callable, with the job's CPU threads exported first."""
 
-    stage: str
-    run_dir: str
+    fn: Callable[[], Any]
     threads: int
-    options: dict[str, Any] | None = None  # eval: the configuration and --force; a study's node: what to check
 
     def __call__(self) -> Any:
         os.environ.setdefault("PRUNECTL_THREADS", str(self.threads))
-        options = dict(self.options or {})
-        study_node = options.pop("study", None)
-        if self.stage == "compare":
-            from .compare import run_study_compare
-
-            return run_study_compare(Path(self.run_dir), Path(options["study_run"]))
-        if study_node is not None:  # its inputs exist only now: check them before anything runs
-            from .study import check_eval_target, start
-
-            check_eval_target(Path(self.run_dir)) if self.stage == "eval" else start(self.stage, Path(self.run_dir), study_node)
-        if self.stage in ("pretrain", "retrain"):
-            from .train import train
-
-            return train(Path(self.run_dir))
-        if self.stage == "prune":
-            from .prune.stage import prune
-
-            return prune(Path(self.run_dir))
-        if self.stage == "eval":
-            from .evaluate.stage import run_eval
-
-            return run_eval(Path(self.run_dir), **options)
-        raise PrunectlError(f"unknown stage {self.stage}")
+        return self.fn()
 
 
 def make_executor(kind: Executor, folder: Path, res: Resources, name: str, dependency: str | None = None):
@@ -160,18 +140,22 @@ def make_executor(kind: Executor, folder: Path, res: Resources, name: str, depen
     return submitit.DebugExecutor(folder=folder)
 
 
-def submit(kind: Executor, res: Resources, name: str, stage: str, run_dirs: list[Path],
-           options: list[dict[str, Any]] | None = None, folder: Path | None = None,
-           dependency: str | None = None) -> list:
-    """One job per run directory; several go out as one job array sharing one submitit folder."""
-    options = options or [None] * len(run_dirs)
-    _SQUEUE["at"] = -1.0  # a listing taken before these jobs existed would call them gone
-    jobs_of = [StageJob(stage, str(d), res.cpus_per_task, o) for d, o in zip(run_dirs, options)]
+def array_folder(run_dirs: list[Path]) -> Path:
+    """Where one job's logs go (its run's logs/), or an array's (beside the runs, named by the first and last)."""
     if len(run_dirs) == 1:
-        ex = make_executor(kind, folder or run_dirs[0] / "logs", res, name, dependency)
-        return [ex.submit(jobs_of[0])]
-    folder = folder or run_dirs[0].parent / "arrays" / f"{run_dirs[0].name}-{run_dirs[-1].name}"
+        return run_dirs[0] / "logs"
+    return run_dirs[0].parent / "arrays" / f"{run_dirs[0].name}-{run_dirs[-1].name}"
+
+
+def submit(kind: Executor, res: Resources, name: str, calls: list[Callable[[], Any]], folder: Path,
+           dependency: str | None = None, link_logs: list[Path] = ()) -> list:
+    """One job per callable; several go out as one job array sharing `folder`. For an array, each run
+    directory in `link_logs` gets logs/array pointing at the array's folder."""
+    _SQUEUE["at"] = -1.0  # a listing taken before these jobs existed would call them gone
+    jobs_of = [Threaded(call, res.cpus_per_task) for call in calls]
     ex = make_executor(kind, folder, res, name, dependency)
+    if len(jobs_of) == 1:
+        return [ex.submit(jobs_of[0])]
     if kind == "local":
         # No scheduler here: run as many at once as the cores hold, so threads never oversubscribe them.
         at_once = max(1, (os.cpu_count() or 1) // (res.cpus_per_task * res.tasks_per_node))
@@ -184,13 +168,12 @@ def submit(kind: Executor, res: Resources, name: str, stage: str, run_dirs: list
     else:
         with ex.batch():
             jobs = [ex.submit(job) for job in jobs_of]
-    if stage not in ("eval", "compare"):
-        for d in run_dirs:  # each run's logs/ still leads to its logs
-            (d / "logs").mkdir(exist_ok=True)
-            link = d / "logs" / "array"
-            if link.is_symlink():  # resubmitted: point at the newest array
-                link.unlink()
-            link.symlink_to(folder.resolve(), target_is_directory=True)
+    for d in link_logs:  # each run's logs/ still leads to its logs
+        (d / "logs").mkdir(exist_ok=True)
+        link = d / "logs" / "array"
+        if link.is_symlink():  # resubmitted: point at the newest array
+            link.unlink()
+        link.symlink_to(folder.resolve(), target_is_directory=True)
     return jobs
 
 
@@ -257,6 +240,25 @@ def job_alive(manifest) -> bool:
     return manifest.status in ("running", "pending") and pid_alive(manifest.pid, manifest.host)
 
 
+def job_over(job, on_unknown: Callable[[str], None] = lambda why: None) -> bool:
+    """Local jobs: submitit knows. Slurm jobs: the result file, else squeue (submitit's done() polls sacct,
+    which clusters without accounting answer with an error on stderr, and it waits forever for the result
+    file of a cancelled job). While Slurm does not answer, a job is not over: `on_unknown` hears why."""
+    if type(job).__name__ != "SlurmJob":
+        return job.done()
+    if job.paths.result_pickle.exists():
+        return True
+    try:
+        for _ in range(3):  # a requeued job is briefly absent between its two lives
+            if slurm_state(str(job.job_id)) is not None:
+                return False
+            time.sleep(2)
+    except SlurmUnreachable as e:
+        on_unknown(str(e))
+        return False
+    return True
+
+
 def pid_alive(pid: int | None, host: str | None) -> bool:
     """A live process on this host (a zombie left by a killed parent counts as dead)."""
     if not pid or host != socket.gethostname():
@@ -266,62 +268,3 @@ def pid_alive(pid: int | None, host: str | None) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
-@dataclass(frozen=True)
-class RankEnv:
-    rank: int
-    world: int
-    local_rank: int
-    device: Any
-    job_id: str | None
-    slurm_job_id: str | None
-
-
-def init_distributed() -> RankEnv:
-    """Export RANK/WORLD_SIZE/MASTER_* from the submitit job (Slurm or local) and start the process group."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    job_id = slurm_job_id = None
-    try:
-        import submitit
-
-        job_env = submitit.JobEnvironment()
-        job_id = str(job_env.job_id)
-        dist_env = submitit.helpers.TorchDistributedEnvironment()
-        if job_env.cluster != "slurm":
-            dist_env.master_addr = "127.0.0.1"
-        else:
-            slurm_job_id = job_id
-        dist_env.export(set_cuda_visible_devices=False, overwrite=True)
-    except RuntimeError:  # not inside a submitit job: a plain process, single rank unless torchrun set it up
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    threads = int(os.environ.get("PRUNECTL_THREADS", "0"))
-    if threads and not cuda:
-        torch.set_num_threads(threads)
-    import deepspeed
-
-    local_rank = int(os.environ["LOCAL_RANK"])
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return RankEnv(
-        rank=int(os.environ["RANK"]),
-        world=int(os.environ["WORLD_SIZE"]),
-        local_rank=local_rank,
-        device=device,
-        job_id=job_id,
-        slurm_job_id=slurm_job_id,
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -27,10 +27,12 @@ def load(model_dir: Path) -> dict[str, torch.Tensor] | None:
     return {k: v.bool() for k, v in load_file(str(path)).items()} if path.exists() else None
 
 
-def save(masks: dict[str, torch.Tensor], folder: Path) -> None:
+def save(masks: dict[str, torch.Tensor], folder: Path, metadata: dict[str, str] | None = None) -> None:
+    """Keep-masks into folder/masks.safetensors; `metadata` says where they came from (a prune run's method)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in masks.items()}, str(Path(folder) / FILE), metadata={"kind": "keep-mask"})
+    save_file({k: v.contiguous() for k, v in masks.items()}, str(Path(folder) / FILE),
+              metadata=metadata or {"kind": "keep-mask"})
 
 
 def hold(model, masks: dict[str, torch.Tensor]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .compare import short_tokens, value
+
 SCRATCH, PRUNED, TOTAL = "#1f3b73", "#7b4fa6", "#4a90d9"  # the paper's dark blue, purple and blue
 
 
@@ -26,6 +28,7 @@ def _bar_metric(c) -> tuple[str, str]:
 
 
 def plot_all(c, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
     plt = _pyplot()
     written = [model_sizes(c, out / "model_sizes.png", plt)]
     if any(len(res.pairs) > 1 for res in c.methods):  # a curve needs two budgets
@@ -37,7 +40,6 @@ def plot_all(c, out: Path) -> list[Path]:
 
 def token_budgets(c, path: Path, plt) -> Path:
     """Figure 3: held-out loss and average accuracy against retraining tokens, S_N and P-R_N per method."""
-    from .compare import short_tokens, value
 
     rows = [k for k in ("loss" if "loss" in c.metrics else f"ppl:{c.perplexity}", "avg") if k in c.metrics]
     labels = {"loss": "held-out loss (lower is better)", "avg": "average accuracy % (higher is better)"}
@@ -115,7 +117,6 @@ def _bars_with_delta(plt, path: Path, title: str, names: list[str], left: list, 
 
 def model_sizes(c, path: Path, plt) -> Path:
     """Figure 4: P-R_N against S_N by pruned model size (grouped by prune method), with the gain below."""
-    from .compare import value
 
     key, label = _bar_metric(c)
     members = sorted((r for r in c.methods if r.headline.scratch), key=lambda r: (r.family, -r.headline.retrain.nonzero))
@@ -128,7 +129,6 @@ def model_sizes(c, path: Path, plt) -> Path:
 
 def total_budget(c, path: Path, plt) -> Path:
     """Figure 5: P-R_N against S_total per method (equal total tokens), with the gain below."""
-    from .compare import value
 
     key, label = _bar_metric(c)
     members = [r for r in c.methods if r.total]

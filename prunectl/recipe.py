@@ -12,17 +12,17 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from . import store
 from .compare import CompareConfig
-from .data import DataConfig
+from .data import DataConfig, HeldOutConfig
 from .distill import DistillConfig
 from .errors import PrunectlError
-from .evaluate.stage import EvalConfig
+from .evaluate.config import EvalConfig
 from .launch import LaunchConfig
 from .model import ModelConfig
 from .prune.calibration import CalibrationConfig
-from .prune.stage import HeldOutConfig, PruneConfig
+from .prune.config import PruneConfig
 from .schema import Strict
-from .study import StudyMethod
 from .sweep import LRSweepConfig
 from .train import OptimizerConfig, TrainConfig
 
@@ -145,6 +145,16 @@ class CompareRecipe(Strict):
     launch: LaunchConfig = LaunchConfig()
 
 
+class StudyMethod(Strict):
+    """One method of a study: its prune recipe, the retrains (one per budget) and their scratch twins."""
+
+    label: str = Field(description="row label in the tables, e.g. Minitron-D")
+    prune: str = Field(description="prune recipe (path relative to the study file, or a recipe name)")
+    retrain: list[str] = Field(min_length=1, description="retrain recipes, one per budget N (P-R_N)")
+    scratch: list[str] = Field(default_factory=list, description="S_N twin recipes, paired with retrain by position")
+    total: str | None = Field(None, description="S_total twin recipe")
+
+
 class StudyRecipe(Strict):
     """`prunectl study`: parent, prune runs, retrains, scratch twins, evals and the compare, in one submission.
 
@@ -180,6 +190,24 @@ _BY_STAGE: dict[str, type[Strict]] = {"data": DataRecipe, "pretrain": PretrainRe
 def load_run_recipe(run_dir: Path) -> Recipe:
     """The resolved recipe a run directory stores (written by the CLI before submission)."""
     return _RECIPE.validate_python(yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text()))
+
+
+def write_run_recipe(run: store.Run, recipe: Recipe) -> None:
+    store.write_atomic(run.dir / "recipe.yaml", dump(recipe))
+
+
+def same_recipe(run: store.Run, recipe: Recipe | str) -> bool:
+    """A run's identity is its resolved recipe: the stored recipe.yaml is exactly this one."""
+    text = recipe if isinstance(recipe, str) else dump(recipe)
+    path = run.dir / "recipe.yaml"
+    return path.exists() and path.read_text() == text
+
+
+def runs_of(root: Path, recipe: Recipe, complete: bool = False) -> list[store.Run]:
+    """The versions of this exact recipe (oldest first); only complete ones with `complete`."""
+    text = dump(recipe)
+    return [run for run in store.versions(root, recipe.name)
+            if same_recipe(run, text) and (not complete or run.is_complete())]
 
 
 def recipes_root() -> Path:

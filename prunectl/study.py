@@ -11,50 +11,26 @@ submitted again. `graph.json` in the study's run directory records the graph for
 
 from __future__ import annotations
 
-import json
+import functools
 import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-
-from . import store
+from . import distributed, launch, lifecycle, store
+from . import recipe as recipes
+from .artifacts import StudyGraph
+from .artifacts import StudyNode as Node
 from .errors import PrunectlError
+from .evaluate.config import results_path
 from .launch import job_alive
-from .schema import Strict
+from .stages import STAGES, compare, train
+from .stages import eval as eval_
+from .sweep import prefix_overrides
 
 GROUPS = ("parent", "prune", "sweep", "retrain", "scratch", "eval", "compare")
-
-
-class StudyMethod(Strict):
-    """One method of a study: its prune recipe, the retrains (one per budget) and their scratch twins."""
-
-    label: str = Field(description="row label in the tables, e.g. Minitron-D")
-    prune: str = Field(description="prune recipe (path relative to the study file, or a recipe name)")
-    retrain: list[str] = Field(min_length=1, description="retrain recipes, one per budget N (P-R_N)")
-    scratch: list[str] = Field(default_factory=list, description="S_N twin recipes, paired with retrain by position")
-    total: str | None = Field(None, description="S_total twin recipe")
-
-
-@dataclass
-class Node:
-    key: str
-    group: str
-    stage: str
-    source: str  # recipe file
-    overrides: list[str]
-    deps: list[str] = field(default_factory=list)
-    ref: str | None = None  # name@vNNN (eval: the evaluated run)
-    state: str = "new"  # new | reused | resume | in-flight | planned
-    job: str | None = None
-    results: str | None = None  # eval: the results file
-    pins: list[str] = field(default_factory=list)  # the overrides that pin inputs to this study's versions
-
-    @property
-    def name(self) -> str:
-        return self.key.split("/", 1)[1]
 
 
 def run_dir(root: Path, ref: str) -> Path:
@@ -83,9 +59,6 @@ class Planner:
         return recipe_path(self.study_file, ref)
 
     def build(self) -> list[Node]:
-        from . import recipe as recipes
-        from .evaluate.stage import results_path
-
         study = self.study
         parent = self.add("parent", "pretrain", self.path(study.parent), [("data", None)], [])
         trained = [parent]
@@ -102,23 +75,30 @@ class Planner:
         if ev.stage != "eval":
             raise PrunectlError(f"eval: {study.eval} is a {ev.stage} recipe; a study's eval is an eval recipe")
         for target in trained:
-            node = Node(f"eval/{target.name}", "eval", "eval", self.path(study.eval), [f"run={target.ref}"],
-                        [target.key], ref=target.ref)
+            node = Node(key=f"eval/{target.name}", group="eval", stage="eval", source=self.path(study.eval),
+                        overrides=[f"run={target.ref}"], deps=[target.key], ref=target.ref)
             if not target.ref.endswith("@vNNN"):
                 node.results = str(results_path(run_dir(self.root, target.ref), ev.eval))
             node.state = "reused" if node.results and Path(node.results).exists() else \
                 ("planned" if self.dry_run else "new")
             self.nodes.append(node)
-        compare = Node(f"compare/{study.name}-compare", "compare", "compare", str(self.study_file), [],
-                       [n.key for n in self.nodes if n.group == "eval"])
-        compare.state = "planned" if self.dry_run else "new"
-        compare.ref = self.allocate_compare() if not self.dry_run else f"{study.name}-compare@vNNN"
-        self.nodes.append(compare)
+        last = Node(key=f"compare/{study.name}-compare", group="compare", stage="compare", source=str(self.study_file),
+                    overrides=[], deps=[n.key for n in self.nodes if n.group == "eval"])
+        last.state = "planned" if self.dry_run else "new"
+        last.ref = self.allocate_compare() if not self.dry_run else f"{study.name}-compare@vNNN"
+        self.nodes.append(last)
         return self.nodes
 
-    def add(self, group: str, stage: str, source: str, pins: list[tuple[str, str | None]], deps: list[str]) -> Node:
-        from . import recipe as recipes
+    def build_or_clean(self) -> list[Node]:
+        """build(), removing every run it allocated if it fails half-way."""
+        try:
+            return self.build()
+        except BaseException:
+            for run in self.fresh:
+                shutil.rmtree(run.dir, ignore_errors=True)
+            raise
 
+    def add(self, group: str, stage: str, source: str, pins: list[tuple[str, str | None]], deps: list[str]) -> Node:
         base = recipes.resolve(source)
         if base.stage != stage:
             raise PrunectlError(f"{source}: is a {base.stage} recipe; the study's {group} entries are {stage} recipes")
@@ -128,20 +108,19 @@ class Planner:
         if existing:
             return existing
         sweeps = self.sweep_nodes(source, overrides, r, deps) if getattr(r, "sweep", None) is not None else []
-        node = Node(f"{group}/{r.name}", group, stage, source, overrides, [*deps, *(n.key for n in sweeps)], pins=overrides)
+        node = Node(key=f"{group}/{r.name}", group=group, stage=stage, source=source, overrides=overrides,
+                    deps=[*deps, *(n.key for n in sweeps)], pins=overrides)
         self.decide(node, r)
         self.names[r.name] = node.ref
         self.nodes.append(node)
         return node
 
     def sweep_nodes(self, source: str, overrides: list[str], r, deps: list[str]) -> list[Node]:
-        from . import recipe as recipes
-        from .sweep import prefix_overrides
-
         out = []
         for lr in r.sweep.lrs:
             extra = [*overrides, *prefix_overrides(r.name, r.sweep, lr)]
-            node = Node(f"sweep/{r.name}-lrsweep/lr={lr:g}", "sweep", r.stage, source, extra, list(deps), pins=overrides)
+            node = Node(key=f"sweep/{r.name}-lrsweep/lr={lr:g}", group="sweep", stage=r.stage, source=source,
+                        overrides=extra, deps=list(deps), pins=overrides)
             self.decide(node, recipes.resolve(source, extra))
             self.nodes.append(node)
             out.append(node)
@@ -149,22 +128,20 @@ class Planner:
 
     def decide(self, node: Node, r) -> None:
         """Reuse a complete run of this exact recipe, follow one in flight, resume an interrupted one, or add one."""
-        from . import recipe as recipes
-
         text = recipes.dump(r)
         # A run submitted on its own names its inputs `@latest`: the same run if its manifest recorded our pins.
         unpinned = recipes.dump(recipes.resolve(node.source, [o for o in node.overrides if o not in node.pins]))
         expected = _expected_inputs(node)
         for run in reversed(store.versions(self.root, r.name)):
-            path, manifest = run.dir / "recipe.yaml", run.manifest()
-            if manifest is None or not path.exists():
+            manifest = run.manifest()
+            if manifest is None:
                 continue
-            stored = path.read_text()
-            same = stored == text or (stored == unpinned and manifest.status == "complete"
-                                      and all(manifest.inputs.get(k) == v for k, v in expected.items()))
+            same = recipes.same_recipe(run, text) or (
+                recipes.same_recipe(run, unpinned) and manifest.status == "complete"
+                and all(manifest.inputs.get(k) == v for k, v in expected.items()))
             if not same and getattr(manifest, "lr_sweep", None):  # the sweep's winner replaced optimizer.lr
                 chosen = [*node.overrides, f"optimizer.lr={manifest.lr_sweep['chosen_lr']!r}"]
-                same = stored == recipes.dump(recipes.resolve(node.source, chosen))
+                same = recipes.same_recipe(run, recipes.resolve(node.source, chosen))
             if not same:
                 continue
             if manifest.status == "complete":
@@ -182,7 +159,7 @@ class Planner:
             return
         run = store.allocate(self.root, r.name)
         self.fresh.append(run)
-        (run.dir / "recipe.yaml").write_text(text)
+        recipes.write_run_recipe(run, r)
         run.write_manifest(store.Manifest(name=r.name, version=run.version, stage=node.stage, executor=self.executor,
                                           inputs=_expected_inputs(node), note="waiting for its inputs (study)"))
         node.ref, node.state = run.ref, "new"
@@ -195,9 +172,32 @@ class Planner:
         return run.ref
 
     def eval_config(self):
-        from . import recipe as recipes
-
         return recipes.resolve(self.path(self.study.eval)).eval
+
+
+def dry_run_groups(root: Path, study, planned: Planner, executor: str, profile: str | None):
+    """--dry-run: (title, nodes, batch script or None) for each array the study would submit."""
+    by_key = {n.key: n for n in planned.nodes}
+    for group in GROUPS:
+        todo = [n for n in planned.nodes if n.group == group and n.state in ("planned", "resume")]
+        for res, bucket in _buckets(todo, profile, planned):
+            deps = sorted({by_key[d].key for n in bucket for d in n.deps if by_key[d].state != "reused"})
+            title = (f"{group}: {len(bucket)} job(s){' as one array' if len(bucket) > 1 else ''}"
+                     + (f", after {len(deps)} input job(s)" if deps else ""))
+            script = None
+            if executor == "slurm":
+                script = launch.batch_script(root / study.name / "vNNN" / "logs" / group, res, f"{study.name}-{group}",
+                                             "afterany:<job ids of " + ", ".join(deps) + ">" if deps else None)
+            yield title, bucket, script
+
+
+def check_ready(root: Path, planned: Planner, profile: str | None) -> None:
+    """Check now what can be checked (nodes whose inputs all exist); each job checks the rest when it starts."""
+    for n in planned.nodes:
+        if n.state == "planned" and n.group in ("parent", "prune", "retrain", "scratch") and \
+                all(by.state == "reused" for by in planned.nodes if by.key in n.deps):
+            each = recipes.resolve(n.source, n.overrides)
+            STAGES[n.stage].check(root, each, launch.resources(each.launch, profile))
 
 
 def _expected_inputs(node: Node) -> dict[str, str]:
@@ -241,59 +241,53 @@ def method_refs(study, nodes: list[Node], study_file: Path) -> list[dict[str, An
 
 def submit(planner: Planner, executor: str, profile: str | None, echo, follow) -> store.Run:
     """Record the graph, then submit each group as one job array depending on its inputs' jobs."""
-    from . import launch
-    from . import recipe as recipes
-
     root, study, nodes = planner.root, planner.study, planner.nodes
     study_run = store.allocate(root, study.name)
-    (study_run.dir / "recipe.yaml").write_text(recipes.dump(study))
-    study_run.write_manifest(store.Manifest(name=study.name, version=study_run.version, stage="study", status="running",
-                                            executor=executor, started=store.now()))
-    graph = {"study_file": str(planner.study_file), "executor": executor,
-             "eval": planner.eval_config().model_dump(mode="json"),
-             "methods": method_refs(study, nodes, planner.study_file), "nodes": nodes}
-    save_graph(study_run, graph)
-    by_key = {n.key: n for n in nodes}
-    # Slurm: one array per group. Here: retrains and scratch twins share waves (both need only the prune runs).
-    levels = [[g] for g in GROUPS] if executor == "slurm" else \
-        [["parent"], ["prune"], ["sweep"], ["retrain", "scratch"], ["eval"], ["compare"]]
-    for level in levels:
-        group = level[0]
-        todo = [n for n in nodes if n.group in level and n.state in ("new", "resume")]
-        if executor != "slurm":
-            todo = [n for n in todo if _inputs_ready(root, n, by_key)]
-            _run_here(root, study, study_run, graph, [(res, n) for res, b in _buckets(todo, profile, planner) for n in b],
-                      echo, follow)
-            continue
-        for res, bucket in _buckets(todo, profile, planner):
-            deps = sorted({by_key[d].job for n in bucket for d in n.deps
-                           if by_key[d].job and by_key[d].state in ("new", "resume", "in-flight")})
-            dependency = f"afterany:{':'.join(deps)}" if deps else None
-            jobs = launch.submit(executor, res, f"{study.name}-{group}", bucket[0].stage,
-                                 [run_dir(root, n.ref) for n in bucket], [_job_options(n, res, study_run) for n in bucket],
-                                 study_run.dir / "logs" / group if len(bucket) > 1 else _folder(root, bucket[0]),
-                                 dependency=dependency)
-            _record(root, bucket, jobs, echo, dependency)
-            save_graph(study_run, graph)
+    recipes.write_run_recipe(study_run, study)
+    study_run.write_manifest(store.Manifest(name=study.name, version=study_run.version, stage="study", executor=executor))
+    graph = StudyGraph(study_file=str(planner.study_file), executor=executor,
+                       eval=planner.eval_config().model_dump(mode="json"),
+                       methods=method_refs(study, nodes, planner.study_file), nodes=nodes)
+    graph.write(study_run.dir)
+    with lifecycle.running(study_run):
+        by_key = {n.key: n for n in nodes}
+        # Slurm: one array per group. Here: retrains and scratch twins share waves (both need only the prune runs).
+        levels = [[g] for g in GROUPS] if executor == "slurm" else \
+            [["parent"], ["prune"], ["sweep"], ["retrain", "scratch"], ["eval"], ["compare"]]
+        for level in levels:
+            group = level[0]
+            todo = [n for n in nodes if n.group in level and n.state in ("new", "resume")]
+            if executor != "slurm":
+                todo = [n for n in todo if _inputs_ready(root, n, by_key)]
+                _run_here(root, study, study_run, graph, [(res, n) for res, b in _buckets(todo, profile, planner) for n in b],
+                          echo, follow)
+                continue
+            for res, bucket in _buckets(todo, profile, planner):
+                deps = sorted({by_key[d].job for n in bucket for d in n.deps
+                               if by_key[d].job and by_key[d].state in ("new", "resume", "in-flight")})
+                dependency = f"afterany:{':'.join(deps)}" if deps else None
+                jobs = launch.submit(executor, res, f"{study.name}-{group}", [_job(n, res, study_run) for n in bucket],
+                                     study_run.dir / "logs" / group if len(bucket) > 1 else _folder(root, bucket[0]),
+                                     dependency=dependency, link_logs=_log_links(root, bucket))
+                _record(root, bucket, jobs, echo, dependency)
+                graph.write(study_run.dir)
     # The study's own run records one submission; its nodes' runs carry the progress.
-    study_run.update(status="complete", finished=store.now(), note=f"submitted; `prunectl status {study.name}` follows it")
+    lifecycle.complete(study_run, note=f"submitted; `prunectl status {study.name}` follows it")
     return study_run
 
 
-def _run_here(root: Path, study, study_run: store.Run, graph: dict, items: list, echo, follow) -> None:
+def _run_here(root: Path, study, study_run: store.Run, graph: StudyGraph, items: list, echo, follow) -> None:
     """No scheduler: start jobs while their CPUs fit in this machine's cores, follow the wave, repeat."""
-    from . import launch
-
     cores = os.cpu_count() or 1
     while items:
         wave, used = [], 0
         while items and (not wave or used + items[0][0].cpus_per_task * items[0][0].tasks_per_node <= cores):
             res, n = items.pop(0)
             used += res.cpus_per_task * res.tasks_per_node
-            wave.append((n, launch.submit("local", res, f"{study.name}-{n.group}", n.stage, [run_dir(root, n.ref)],
-                                          [_job_options(n, res, study_run)], _folder(root, n))[0]))
+            wave.append((n, launch.submit("local", res, f"{study.name}-{n.group}", [_job(n, res, study_run)],
+                                          _folder(root, n))[0]))
         _record(root, [n for n, _ in wave], [job for _, job in wave], echo, None)
-        save_graph(study_run, graph)
+        graph.write(study_run.dir)
         follow(wave)
 
 
@@ -303,8 +297,7 @@ def _inputs_ready(root: Path, node: Node, by_key: dict[str, Node]) -> bool:
     if node.group == "compare" or not missing:
         return True
     if node.group != "eval":
-        store.Run.of(root, node.ref).update(status="failed", finished=store.now(),
-                                                   note=f"inputs did not complete: {', '.join(missing)}")
+        lifecycle.fail(store.Run.of(root, node.ref), f"inputs did not complete: {', '.join(missing)}")
     node.state = "skipped"
     return False
 
@@ -326,15 +319,17 @@ def _record(root: Path, nodes: list[Node], jobs: list, echo, dependency: str | N
              + (f" (after jobs {dependency.removeprefix('afterany:').replace(':', ', ')})" if dependency else ""))
 
 
-def _job_options(node: Node, res, study_run: store.Run) -> dict[str, Any]:
-    from . import recipe as recipes
-
+def _job(node: Node, res: launch.Resources, study_run: store.Run):
+    """What a node's job runs: its stage after checking its inputs; an eval of its run; the compare."""
     if node.group == "eval":
-        cfg = recipes.resolve(node.source, node.overrides).eval
-        return {"cfg_json": cfg.model_dump_json(), "force": False, "study": True}
+        return EvalNodeJob(str(run_dir(study_run.root, node.ref)), recipes.resolve(node.source, node.overrides))
     if node.group == "compare":
-        return {"study_run": str(study_run.dir)}
-    return {"study": {"source": node.source, "overrides": node.overrides, "res": res.model_dump()}}
+        return functools.partial(compare.run_study, run_dir(study_run.root, node.ref), study_run.dir)
+    return NodeJob(node.stage, str(run_dir(study_run.root, node.ref)), node.source, node.overrides, res.model_dump())
+
+
+def _log_links(root: Path, bucket: list[Node]) -> list[Path]:
+    return [run_dir(root, n.ref) for n in bucket if n.group not in ("eval", "compare")]
 
 
 def _folder(root: Path, node: Node) -> Path:
@@ -344,9 +339,6 @@ def _folder(root: Path, node: Node) -> Path:
 
 def _buckets(todo: list[Node], profile: str | None, planner: Planner):
     """Nodes of one group that share a stage and resources go out as one array."""
-    from . import launch
-    from . import recipe as recipes
-
     out: list[tuple[Any, list[Node]]] = []
     for n in todo:
         if n.group == "compare":
@@ -362,43 +354,62 @@ def _buckets(todo: list[Node], profile: str | None, planner: Planner):
     return out
 
 
-def save_graph(study_run: store.Run, graph: dict[str, Any]) -> None:
-    data = {**graph, "nodes": [asdict(n) for n in graph["nodes"]]}
-    store.write_atomic(study_run.dir / "graph.json", json.dumps(data, indent=1) + "\n")
-
-
-def load_graph(study_run: store.Run) -> tuple[dict[str, Any], list[Node]]:
-    data = json.loads((study_run.dir / "graph.json").read_text())
-    return data, [Node(**n) for n in data["nodes"]]
+def newest_graph(root: Path, name: str) -> tuple[store.Run, StudyGraph] | None:
+    """The newest submission of the study `name` and its graph."""
+    submitted = [run for run in store.versions(root, name) if (run.dir / StudyGraph.FILE).exists()]
+    return (submitted[-1], StudyGraph.read(submitted[-1].dir)) if submitted else None
 
 
 # ---------------------------------------------------------------------------- inside a study's job
 
 
-def start(stage: str, run_dir_: Path, opts: dict[str, Any]) -> None:
+@dataclass
+class NodeJob:
+    """A study node's job: check its inputs (they exist only now), pick the swept LR, then run its stage."""
+
+    stage: str
+    run_dir: str
+    source: str
+    overrides: list[str]
+    res: dict[str, Any]
+
+    def __call__(self) -> Any:
+        run = store.Run.at(Path(self.run_dir))
+        start(self.stage, run, self.source, self.overrides, launch.Resources.model_validate(self.res))
+        return STAGES[self.stage].run(run, recipes.load_run_recipe(run.dir))
+
+
+@dataclass
+class EvalNodeJob:
+    """A study's eval of one run, once that run's job has ended (it must have completed)."""
+
+    target_dir: str
+    recipe: Any  # EvalRecipe
+
+    def __call__(self) -> Any:
+        eval_.check_target(Path(self.target_dir))
+        return eval_.run(self.recipe, Path(self.target_dir))
+
+
+def start(stage: str, run: store.Run, source: str, overrides: list[str], res: launch.Resources) -> None:
     """A study node's first act: check its (now existing) inputs, pick the swept LR, record them.
 
     Every rank computes the same answer; rank 0 writes it and the others wait to read it back."""
-    from . import checks, launch
-    from . import recipe as recipes
-    from . import sweep as sweeps
-
-    run = store.Run.at(run_dir_)
-    rank = _rank()
+    rank = distributed.rank()
     try:
         r = recipes.load_run_recipe(run.dir)
         choice = None
         if getattr(r, "sweep", None) is not None:
-            choice = sweeps.choose(run.root, opts["source"], opts["overrides"], r)
-            r = recipes.resolve(opts["source"], [*opts["overrides"], f"optimizer.lr={choice.chosen_lr!r}"])
-        inputs = checks.check(stage, run.root, r, launch.Resources.model_validate(opts["res"]))
+            choice = train.choose_lr(run.root, source, overrides, r)
+            r = recipes.resolve(source, [*overrides, f"optimizer.lr={choice.chosen_lr!r}"])
+        inputs = STAGES[stage].check(run.root, r, res)
     except PrunectlError as err:
         if rank == 0:
-            run.update(status="failed", finished=store.now(), note="; ".join(err.problems)[:500])
+            lifecycle.fail(run, err)
         raise
     if rank == 0:
         if choice is not None:
-            store.write_atomic(run.dir / "recipe.yaml", recipes.dump(r))
+            recipes.write_run_recipe(run, r)
         changes = {"inputs": inputs, "note": None}
         if choice is not None:
             changes["lr_sweep"] = choice.model_dump()
@@ -411,29 +422,11 @@ def start(stage: str, run_dir_: Path, opts: dict[str, Any]) -> None:
     raise PrunectlError(f"{run.ref}: rank 0 did not record the checked inputs within 10 minutes")
 
 
-def check_eval_target(run_dir_: Path) -> None:
-    run = store.Run.at(run_dir_)
-    manifest = run.manifest()
-    if manifest is None or manifest.status != "complete":
-        raise PrunectlError(f"{run.ref}: is {manifest.status if manifest else 'missing'}, not complete; nothing to evaluate")
-
-
-def _rank() -> int:
-    try:
-        import submitit
-
-        return submitit.JobEnvironment().global_rank
-    except RuntimeError:
-        return 0
-
-
 # ---------------------------------------------------------------------------- status
 
 
 def node_state(root: Path, node: Node) -> tuple[str, str]:
     """(state, note) now, from the node's run (or results file); 'unknown' while Slurm does not answer."""
-    from . import launch
-
     try:
         return _node_state(root, node)
     except launch.SlurmUnreachable:
@@ -441,8 +434,6 @@ def node_state(root: Path, node: Node) -> tuple[str, str]:
 
 
 def _node_state(root: Path, node: Node) -> tuple[str, str]:
-    from . import launch
-
     if node.group == "eval":
         if node.results and Path(node.results).exists():
             return ("reused" if node.state == "reused" else "complete"), ""

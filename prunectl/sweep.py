@@ -2,18 +2,16 @@
 
 `--sweep lr` submits the prefix runs as one job array under the name `<recipe>-lrsweep`. A later
 plain submission of the recipe looks up, for every candidate, the newest complete prefix run whose
-resolved recipe is exactly the expected one, and trains with the winner. A prefix run follows the
+resolved recipe is exactly the expected one, and trains with the winner (stages/train.py, choose_lr). A prefix run follows the
 full run's LR schedule and stops after `prefix_tokens`, so it sees the same warmup and peak.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from .errors import PrunectlError
 from .schema import Strict
 
 
@@ -38,34 +36,6 @@ def sweep_name(name: str) -> str:
 
 def prefix_overrides(name: str, cfg: LRSweepConfig, lr: float) -> list[str]:
     return [f"name={sweep_name(name)}", f"optimizer.lr={lr!r}", f"train.prefix_tokens={cfg.prefix_tokens}", "sweep=null"]
-
-
-def choose(root, recipe_ref: str, overrides: list[str], recipe) -> SweepChoice:
-    """The winning LR from complete prefix runs of exactly this recipe; an error naming what is missing."""
-    from . import recipe as recipes
-    from . import store
-
-    runs, losses, missing = {}, {}, []
-    existing = [r for r in store.versions(root, sweep_name(recipe.name)) if r.is_complete()]
-    for lr in recipe.sweep.lrs:
-        expected = recipes.dump(recipes.resolve(recipe_ref, [*overrides, *prefix_overrides(recipe.name, recipe.sweep, lr)]))
-        match = [r for r in existing if (r.dir / "recipe.yaml").read_text() == expected]
-        if not match:
-            missing.append(f"{lr:g}")
-            continue
-        run = match[-1]
-        loss = run.manifest().summary.get("final_train_loss")
-        runs[f"{lr:g}"] = run.ref
-        losses[f"{lr:g}"] = loss if loss is not None and math.isfinite(loss) else math.inf
-    if missing:
-        raise PrunectlError(
-            f"sweep: {recipe.name} has no complete prefix run for lr {', '.join(missing)}; run "
-            f"`prunectl {recipe.stage} {recipe_ref} --sweep lr` first (or set sweep=null to train with optimizer.lr)")
-    best = min(losses, key=losses.get)
-    if not math.isfinite(losses[best]):
-        raise PrunectlError(f"sweep: every prefix run of {recipe.name} diverged; widen sweep.lrs toward smaller values")
-    return SweepChoice(chosen_lr=float(best), prefix_tokens=recipe.sweep.prefix_tokens, runs=runs,
-                       final_train_loss=losses)
 
 
 def describe(choice: SweepChoice) -> list[dict[str, Any]]:

@@ -1,19 +1,16 @@
 """The one training loop (pretraining, Sheared-LLaMA mask learning, retraining): DeepSpeed ZeRO, exact token budget, resume, preemption.
 
-Every rank runs `train(run_dir)`. The data order is a pure function of (seed, ranges, budget,
-step), and checkpoints carry the step, so a resumed run continues on exactly the sequences the
-interrupted one would have seen next. A checkpoint counts only once `latest.json` names it,
-written after every rank has saved.
+A component: stages call `fit()` on every rank with the Objective they train. The data order is a
+pure function of (seed, ranges, budget, step), and checkpoints carry the step, so a resumed run
+continues on exactly the sequences the interrupted one would have seen next. A checkpoint counts
+only once `latest.json` names it, written after every rank has saved.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from .errors import PrunectlError
 from .schema import Strict
 
 
@@ -96,8 +94,6 @@ def lr_factor(step: int, total: int, opt: OptimizerConfig) -> float:
 def deepspeed_config(train: TrainConfig, opt: OptimizerConfig, world: int, bf16: bool) -> dict[str, Any]:
     per_step = train.micro_batch * world
     if train.global_batch % per_step:
-        from .errors import PrunectlError
-
         raise PrunectlError(
             f"train.global_batch={train.global_batch} is not a multiple of micro_batch x ranks = {per_step}"
         )
@@ -125,27 +121,13 @@ def deepspeed_config(train: TrainConfig, opt: OptimizerConfig, world: int, bf16:
     }
 
 
-class StopRequest:
-    """Preemption, time-limit (SIGUSR2 from Slurm/submitit) or SIGTERM: finish the step, save, leave."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame) -> None:
-        self.signum = signum
-
-
 class Reporter:
     """Rank 0's metrics.jsonl plus a live view: a rich bar on a terminal, plain lines in a log."""
 
     def __init__(self, path: Path, resume_step: int, total_steps: int, tokens_per_step: int) -> None:
-        self.path = path
-        if path.exists():  # drop records past the checkpoint we resumed from
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in keep))
-        self.handle = open(path, "a")
+        from .metrics import MetricsLog
+
+        self.metrics = MetricsLog(path, keep_through=resume_step)
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.progress = None
         if sys.stdout.isatty():
@@ -159,8 +141,7 @@ class Reporter:
             self.progress.start()
 
     def log(self, record: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
+        self.metrics.log(record)
         text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], info=text)
@@ -170,7 +151,7 @@ class Reporter:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
-        self.handle.close()
+        self.metrics.close()
 
 
 def _latest_checkpoint(folder: Path) -> dict[str, Any] | None:
@@ -218,41 +199,6 @@ class Objective:
         return {}
 
 
-def train(run_dir: Path) -> dict[str, Any]:
-    """Run (or resume) the pretrain or retrain run in run_dir; returns the summary.
-
-    A sweep's prefix run keeps only its metrics and summary: its model is never used."""
-    from . import model as models
-    from . import store
-    from .recipe import load_run_recipe
-    from .retrain import objective_for
-
-    run_dir = Path(run_dir)
-    recipe = load_run_recipe(run_dir)
-    run = store.Run.at(run_dir)
-    inputs = run.manifest().inputs
-    objective = objective_for(run.root, recipe, inputs)
-    result = fit(run, recipe.train, recipe.optimizer, objective, inputs["data"])
-    summary: dict[str, Any] = {}
-    if result.rank == 0:
-        try:
-            summary = {**run.manifest().summary, **result.summary}
-            if recipe.train.prefix_tokens is None:
-                staging = run_dir / "final.partial"
-                shutil.rmtree(staging, ignore_errors=True)
-                staging.mkdir()
-                summary.update(objective.finish(result.state, staging))
-                # save_pretrained may drop entries from the dict it is given (shared tensors): hand it a copy
-                models.save(objective.language_model(result.module), dict(result.state), result.tokenizer, staging)
-                store.publish_dir(staging, run.final)
-            store.mark_complete(run, summary=summary, note=None)
-        except BaseException as err:
-            run.update(status="failed", finished=store.now(), note=f"{type(err).__name__}: {err}".splitlines()[0][:500])
-            raise
-    result.barrier()
-    return summary
-
-
 @dataclass
 class Fitted:
     """What fit() hands back to its stage: the trained module (rank 0 holds a full state dict)."""
@@ -269,10 +215,11 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
         workdir: Path | None = None) -> Fitted:
     """The loop every training stage shares: resume, exact token budget, checkpoints, preemption.
 
-    Checkpoints and metrics.jsonl go to `workdir` (default: the run directory)."""
-    from . import launch
+    Checkpoints and metrics.jsonl go to `workdir` (default: the run directory). The calling stage owns
+    the run's lifecycle (running, failed, complete); fit records what it reads and where it resumed."""
+    from . import distributed
 
-    env = launch.init_distributed()
+    env = distributed.init()
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -285,190 +232,146 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
     run_dir = Path(workdir or run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = run.manifest()
-    stop = StopRequest()
-    try:
-        data_run = store.resolve(run.root, data_ref)
-        stream = TokenStream(data_run.dir)
-        tokenizer = getattr(objective, "tokenizer", None) or AutoTokenizer.from_pretrained(data_run.dir / "tokenizer")
+    stop = distributed.StopRequest()
+    data_run = store.resolve(run.root, data_ref)
+    stream = TokenStream(data_run.dir)
+    tokenizer = getattr(objective, "tokenizer", None) or AutoTokenizer.from_pretrained(data_run.dir / "tokenizer")
 
-        device = env.device
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-        tokens_per_step = cfg.global_batch * cfg.seq_len
-        schedule_steps, total_steps = cfg.steps, cfg.run_steps  # equal unless this is a sweep's prefix run
-        ranges = [stream.range(r).first(cfg.range_tokens.get(r)) for r in cfg.data_ranges]
-        plan = SequencePlan(ranges, cfg.seq_len, total_steps * cfg.global_batch, cfg.seed)
-        val_starts = validation_starts(stream, cfg.eval_range, cfg.seq_len, cfg.eval_tokens)
+    device = env.device
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    tokens_per_step = cfg.global_batch * cfg.seq_len
+    schedule_steps, total_steps = cfg.steps, cfg.run_steps  # equal unless this is a sweep's prefix run
+    ranges = [stream.range(r).first(cfg.range_tokens.get(r)) for r in cfg.data_ranges]
+    plan = SequencePlan(ranges, cfg.seq_len, total_steps * cfg.global_batch, cfg.seed)
+    val_starts = validation_starts(stream, cfg.eval_range, cfg.seq_len, cfg.eval_tokens)
 
-        net = objective.build(tokenizer, stream.vocab_size, cfg.seed)
-        counts = models.parameter_counts(objective.language_model(net))
-        ds_config = deepspeed_config(cfg, opt, env.world, use_bf16)
-        engine, _, _, scheduler = deepspeed.initialize(
-            model=net,
-            model_parameters=objective.parameters(net),
-            config=ds_config,
-            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, schedule_steps, opt)),
+    net = objective.build(tokenizer, stream.vocab_size, cfg.seed)
+    counts = models.parameter_counts(objective.language_model(net))
+    ds_config = deepspeed_config(cfg, opt, env.world, use_bf16)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=net,
+        model_parameters=objective.parameters(net),
+        config=ds_config,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, schedule_steps, opt)),
+    )
+
+    ckpt_dir = run_dir / "checkpoints"
+    latest = _latest_checkpoint(ckpt_dir)
+    step = 0
+    if latest is not None:
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=latest["tag"])
+        step = int(client["step"])
+
+    if env.writer:
+        run.update(
+            note=f"resumed at step {step}" if step else None,
+            resumed_from=[*manifest.resumed_from, step] if step else manifest.resumed_from,
+            data=store.DataUse(
+                data=data_run.ref,
+                ranges=cfg.data_ranges,
+                seq_len=cfg.seq_len,
+                sequences=plan.sequences,
+                tokens=plan.sequences * cfg.seq_len,
+                budget_tokens=cfg.prefix_tokens or cfg.tokens,
+                epochs=plan.epochs,
+                seed=cfg.seed,
+                intervals=[store.TokenInterval(range=r.name, start=r.start, end=r.end) for r in plan.intervals()],
+            ),
+            summary={"parameters": counts, "steps": total_steps, "world_size": env.world},
         )
+    reporter = Reporter(run_dir / "metrics.jsonl", step, total_steps, tokens_per_step) if env.rank == 0 else None
 
-        ckpt_dir = run_dir / "checkpoints"
-        latest = _latest_checkpoint(ckpt_dir)
-        step = 0
-        if latest is not None:
-            _, client = engine.load_checkpoint(str(ckpt_dir), tag=latest["tag"])
-            step = int(client["step"])
+    per_rank = cfg.global_batch // env.world
+    micro_steps = per_rank // cfg.micro_batch
 
-        if env.rank == 0:
-            job_ids = list(manifest.job_ids)
-            if env.job_id and env.job_id not in job_ids:
-                job_ids.append(env.job_id)
-            run.update(
-                status="running",
-                started=manifest.started or store.now(),
-                job_ids=job_ids,
-                pid=os.getpid(),
-                host=os.uname().nodename,
-                note=f"resumed at step {step}" if step else None,
-                resumed_from=[*manifest.resumed_from, step] if step else manifest.resumed_from,
-                data=store.DataUse(
-                    data=data_run.ref,
-                    ranges=cfg.data_ranges,
-                    seq_len=cfg.seq_len,
-                    sequences=plan.sequences,
-                    tokens=plan.sequences * cfg.seq_len,
-                    budget_tokens=cfg.prefix_tokens or cfg.tokens,
-                    epochs=plan.epochs,
-                    seed=cfg.seed,
-                    intervals=[store.TokenInterval(range=r.name, start=r.start, end=r.end) for r in plan.intervals()],
-                ),
-                summary={"parameters": counts, "steps": total_steps, "world_size": env.world},
-            )
-        reporter = Reporter(run_dir / "metrics.jsonl", step, total_steps, tokens_per_step) if env.rank == 0 else None
-
-        per_rank = cfg.global_batch // env.world
-        micro_steps = per_rank // cfg.micro_batch
-
-        def held_out_loss() -> float:
-            engine.eval()
-            mine = val_starts[env.rank :: env.world]
-            total = torch.zeros(2, dtype=torch.float64, device=device)
-            with torch.no_grad():
-                for i in range(0, len(mine), cfg.micro_batch):
-                    x = torch.from_numpy(batch(stream, mine[i : i + cfg.micro_batch], cfg.seq_len)).to(device)
-                    loss = objective.language_model(engine.module)(input_ids=x, labels=x).loss.double()
-                    n = x.shape[0] * (cfg.seq_len - 1)
-                    total += torch.stack([loss * n, torch.tensor(float(n), dtype=torch.float64, device=device)])
-            if env.world > 1:
-                dist.all_reduce(total)
-            engine.train()
-            return float(total[0] / total[1])
-
-        def save_checkpoint() -> None:
-            tag = f"step{step:08d}"
-            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
-            if env.world > 1:
-                dist.barrier()
-            if env.rank == 0:
-                store.fsync_tree(ckpt_dir / tag)
-                store.write_json(ckpt_dir / "latest.json", {"tag": tag, "step": step, "tokens": step * tokens_per_step})
-                tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
-                for old in tags[: -cfg.keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
-            if env.world > 1:
-                dist.barrier()
-
+    def held_out_loss() -> float:
+        engine.eval()
+        mine = val_starts[env.rank :: env.world]
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for i in range(0, len(mine), cfg.micro_batch):
+                x = torch.from_numpy(batch(stream, mine[i : i + cfg.micro_batch], cfg.seq_len)).to(device)
+                loss = objective.language_model(engine.module)(input_ids=x, labels=x).loss.double()
+                n = x.shape[0] * (cfg.seq_len - 1)
+                total += torch.stack([loss * n, torch.tensor(float(n), dtype=torch.float64, device=device)])
+        if env.world > 1:
+            dist.all_reduce(total)
         engine.train()
-        window: dict[str, float] = {}
-        window_steps, window_start = 0, time.perf_counter()
-        val_loss = train_loss = None
-        while step < total_steps:
-            first = step * cfg.global_batch + env.rank * per_rank
-            starts = plan.starts(first, per_rank)
-            for m in range(micro_steps):
-                x = torch.from_numpy(batch(stream, starts[m * cfg.micro_batch : (m + 1) * cfg.micro_batch], cfg.seq_len))
-                x = x.to(device, non_blocking=True)
-                loss, terms = objective.loss(engine, x, step)
-                engine.backward(loss)
-                engine.step()
-                for key, value in terms.items():
-                    window[key] = window.get(key, 0.0) + value.item() / micro_steps
-            step += 1
-            window_steps += 1
+        return float(total[0] / total[1])
 
-            if step % cfg.log_every == 0 or step == total_steps:
-                means = torch.tensor([v / window_steps for v in window.values()], device=device)
-                if env.world > 1:
-                    dist.all_reduce(means)
-                    means /= env.world
-                terms = dict(zip(window, means.tolist()))
-                train_loss = terms["loss"]
-                elapsed = time.perf_counter() - window_start
-                grad_norm = engine.get_global_grad_norm()
-                if reporter:
-                    reporter.log({
-                        "step": step,
-                        "tokens": step * tokens_per_step,
-                        **terms,
-                        "lr": float(scheduler.get_last_lr()[0]),
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                        "tokens_per_s": window_steps * tokens_per_step / elapsed,
-                        **objective.metrics(engine.module),
-                    })
-                window, window_steps, window_start = {}, 0, time.perf_counter()
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
-                val_loss = held_out_loss()
-                if reporter:
-                    reporter.log({"step": step, "tokens": step * tokens_per_step, "val_loss": val_loss})
-                window_start = time.perf_counter()
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint()
-                window_start = time.perf_counter()
-            if _agree(stop.signum is not None, env, dist, device) and step < total_steps:
-                save_checkpoint()
-                _leave_for_requeue(run, env, step, stop.signum)
-
-        state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else None
+    def save_checkpoint() -> None:
+        tag = f"step{step:08d}"
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+        if env.world > 1:
+            dist.barrier()
         if env.rank == 0:
-            reporter.close()
-            if state is None:
-                state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-        summary = {
-            "tokens": step * tokens_per_step,
-            "final_train_loss": train_loss,  # mean over the last log window: what an LR sweep compares
-            "final_val_loss": val_loss,
-            "unigram_entropy_nats": stream.meta["unigram_entropy_nats"],
-        }
-        barrier = (lambda: dist.barrier()) if env.world > 1 else (lambda: None)
-        return Fitted(env.rank, engine.module, state if env.rank == 0 else None, tokenizer, summary, barrier)
-    except SystemExit:
-        raise
-    except BaseException as err:
-        if env.rank == 0:
-            run.update(status="failed", finished=store.now(), note=f"{type(err).__name__}: {err}".splitlines()[0][:500])
-        raise
+            store.fsync_tree(ckpt_dir / tag)
+            store.write_json(ckpt_dir / "latest.json", {"tag": tag, "step": step, "tokens": step * tokens_per_step})
+            tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
+            for old in tags[: -cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        if env.world > 1:
+            dist.barrier()
 
+    engine.train()
+    window: dict[str, float] = {}
+    window_steps, window_start = 0, time.perf_counter()
+    val_loss = train_loss = None
+    while step < total_steps:
+        first = step * cfg.global_batch + env.rank * per_rank
+        starts = plan.starts(first, per_rank)
+        for m in range(micro_steps):
+            x = torch.from_numpy(batch(stream, starts[m * cfg.micro_batch : (m + 1) * cfg.micro_batch], cfg.seq_len))
+            x = x.to(device, non_blocking=True)
+            loss, terms = objective.loss(engine, x, step)
+            engine.backward(loss)
+            engine.step()
+            for key, value in terms.items():
+                window[key] = window.get(key, 0.0) + value.item() / micro_steps
+        step += 1
+        window_steps += 1
 
-def _agree(local: bool, env, dist, device) -> bool:
-    """All ranks stop at the same step if any one of them was signalled."""
-    if env.world == 1:
-        return local
-    import torch
+        if step % cfg.log_every == 0 or step == total_steps:
+            means = torch.tensor([v / window_steps for v in window.values()], device=device)
+            if env.world > 1:
+                dist.all_reduce(means)
+                means /= env.world
+            terms = dict(zip(window, means.tolist()))
+            train_loss = terms["loss"]
+            elapsed = time.perf_counter() - window_start
+            grad_norm = engine.get_global_grad_norm()
+            if reporter:
+                reporter.log({
+                    "step": step,
+                    "tokens": step * tokens_per_step,
+                    **terms,
+                    "lr": float(scheduler.get_last_lr()[0]),
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens_per_s": window_steps * tokens_per_step / elapsed,
+                    **objective.metrics(engine.module),
+                })
+            window, window_steps, window_start = {}, 0, time.perf_counter()
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+            val_loss = held_out_loss()
+            if reporter:
+                reporter.log({"step": step, "tokens": step * tokens_per_step, "val_loss": val_loss})
+            window_start = time.perf_counter()
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+            save_checkpoint()
+            window_start = time.perf_counter()
+        if distributed.agree(stop.signum is not None, env) and step < total_steps:
+            save_checkpoint()
+            distributed.leave_for_requeue(run, env, step, stop.signum)
 
-    flag = torch.tensor([1.0 if local else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def _leave_for_requeue(run, env, step: int, signum: int | None) -> None:
-    """After the checkpoint: requeue on Slurm preemption/time limit, otherwise stop resumably."""
-    from . import store
-
-    requeue = signum == signal.SIGUSR2 and env.slurm_job_id is not None
+    state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else None
     if env.rank == 0:
-        if requeue:
-            run.update(status="pending", note=f"preempted at step {step}; requeued, resumes from its checkpoint")
-            subprocess.run(["scontrol", "requeue", env.slurm_job_id], check=False)
-        else:
-            name = signal.Signals(signum).name if signum else "signal"
-            run.update(status="failed", finished=store.now(),
-                       note=f"stopped by {name} at step {step}; run the same command again to resume")
-    # SystemExit is not an Exception: submitit writes no result, so the job is not seen as finished.
-    sys.exit(3)
+        reporter.close()
+        if state is None:
+            state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    summary = {
+        "tokens": step * tokens_per_step,
+        "final_train_loss": train_loss,  # mean over the last log window: what an LR sweep compares
+        "final_val_loss": val_loss,
+        "unigram_entropy_nats": stream.meta.unigram_entropy_nats,
+    }
+    return Fitted(env.rank, engine.module, state if env.rank == 0 else None, tokenizer, summary, env.barrier)

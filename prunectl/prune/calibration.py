@@ -82,6 +82,24 @@ SHARED_INPUTS: dict[str, tuple[str, ...]] = {
 LINEARS = tuple(name for group in SHARED_INPUTS.values() for name in group)
 
 
+def select(candidates: Iterator[tuple[LlamaForCausalLM, dict]], ids: torch.Tensor, micro: int, device,
+           rows: list[dict]) -> LlamaForCausalLM:
+    """The candidate with the lowest calibration loss; each is scored on the device, one at a time, and
+    described in `rows` (its own entries, its loss, and whether it was selected)."""
+    import math
+
+    best, best_loss, chosen = None, math.inf, None
+    for model, row in candidates:
+        model.to(device)
+        loss = lm_loss(model, ids, micro)
+        rows.append({**row, "calibration_loss": loss, "selected": False})
+        if loss < best_loss:
+            best, best_loss, chosen = model, loss, rows[-1]
+        model.to("cpu")
+    chosen["selected"] = True
+    return best
+
+
 @dataclass
 class InputStats:
     """Running statistics of one Linear input X (tokens x features), summed in float64.

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import PrunectlError
+from .context import Context, Pruned
 from .calibration import batches
-from .surgery import Shape
+from .surgery import Shape, cut
 
 if TYPE_CHECKING:
     import torch
     from transformers import LlamaForCausalLM
+
 
 
 def layers_for_ratio(shape: Shape, ratio: float) -> int:
@@ -89,3 +91,34 @@ def block_influence(model: LlamaForCausalLM, ids: torch.Tensor, micro: int) -> l
             sums[-1] += (1 - F.cosine_similarity(states[n_layers - 1].float(), out.float(), dim=-1)).sum().double().cpu()
             count += x.numel()
     return (sums / count).tolist()
+
+
+def feasible(cfg, shape: Shape) -> None:
+    layers_for_ratio(shape, cfg.ratio)
+
+
+def apply_minitron(ctx: Context) -> Pruned:
+    """Minitron-depth: remove the contiguous block whose removal costs the least calibration loss."""
+    block = ctx.shape.layers - layers_for_ratio(ctx.shape, ctx.cfg.ratio)
+    with ctx.meter.phase("score layers"):
+        losses = block_losses(ctx.model, ctx.ids, ctx.micro, block)
+        start = min(range(len(losses)), key=losses.__getitem__)
+        ctx.report["candidates"] = [{"remove": [i, i + block - 1], "calibration_loss": loss, "selected": i == start}
+                                    for i, loss in enumerate(losses)]
+    return _remove(ctx, list(range(start, start + block)))
+
+
+def apply_shortgpt(ctx: Context) -> Pruned:
+    """ShortGPT: remove the layers of lowest Block Influence, wherever they are."""
+    block = ctx.shape.layers - layers_for_ratio(ctx.shape, ctx.cfg.ratio)
+    with ctx.meter.phase("score layers"):
+        influence = block_influence(ctx.model, ctx.ids, ctx.micro)
+        ctx.report["block_influence"] = influence
+    return _remove(ctx, sorted(sorted(range(ctx.shape.layers), key=influence.__getitem__)[:block]))
+
+
+def _remove(ctx: Context, removed: list[int]) -> Pruned:
+
+    ctx.report["removed_layers"] = removed
+    with ctx.meter.phase("cut"):
+        return Pruned(cut(ctx.model, layers=[i for i in range(ctx.shape.layers) if i not in removed]))

@@ -7,9 +7,9 @@ import math
 import torch
 from transformers import LlamaForCausalLM
 
-from .sheared import AXES
 from .surgery import Shape
 
+AXES = ("layers", "kv_groups", "hidden", "ffn")  # what Sheared LLaMA masks, in the order of its constraints
 # Hard concrete (Louizos et al. 2018): temperature and stretch interval, as in CoFi / Sheared LLaMA.
 BETA, LEFT, RIGHT = 2.0 / 3.0, -0.1, 1.1
 

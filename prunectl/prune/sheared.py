@@ -14,12 +14,14 @@ from pydantic import Field
 
 from ..schema import Strict
 from ..train import Objective, TrainConfig
+from .context import Context, Pruned
 from .surgery import Shape, cut
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from transformers import LlamaForCausalLM
 
-AXES = ("layers", "kv_groups", "hidden", "ffn")
 
 
 class TargetShape(Strict):
@@ -71,6 +73,8 @@ class MaskObjective(Objective):
     def metrics(self, module) -> dict[str, Any]:
         import torch
 
+        from .hardconcrete import AXES
+
         with torch.no_grad():
             expected = module.expected().tolist()
         return {f"expected_{a}": round(v, 4) for a, v in zip(AXES, expected)}
@@ -115,7 +119,7 @@ def to_dense(module, target: Shape) -> LlamaForCausalLM:
     partly open layer, whose z multiplies the sublayer outputs here)."""
     import torch
 
-    from .hardconcrete import sample
+    from .hardconcrete import AXES, sample
 
     la = module.log_alpha
     p = module.parent
@@ -139,3 +143,62 @@ def to_dense(module, target: Shape) -> LlamaForCausalLM:
             o.mul_((zh[:, None] * z["layers"][i] * scale_heads[None, :]).to(o.dtype))
             down.mul_((zh[:, None] * z["layers"][i] * z["ffn"][i][None, :]).to(down.dtype))
         return cut(llama, layers=layers, hidden=hidden, kv_groups=groups, ffn=ffn)
+
+
+def feasible(cfg, shape: Shape) -> None:
+    candidates(shape, cfg.ratio, cfg.sheared.targets, cfg.search.quantum, cfg.search.candidates)
+
+
+def _candidate_dirs(workdir: Path, cfg, shape: Shape) -> list[tuple[Path, Shape]]:
+    targets = candidates(shape, cfg.ratio, cfg.sheared.targets, cfg.search.quantum, cfg.search.candidates)
+    return [(workdir / "sheared" / f"candidate{k}", t) for k, t in enumerate(targets)]
+
+
+def learn(run, cfg, optimizer, parent_dir: Path, data_ref: str) -> None:
+    """Every rank: learn masks for each target shape (Table 7) on the shared training loop; each candidate's
+    dense cut lands in <run>/sheared/candidateK/dense. A finished candidate is skipped, so a rerun resumes."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .. import store
+    from ..train import fit
+
+    with torch.device("meta"):
+        shape = Shape.of(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(parent_dir)))
+    for folder, target in _candidate_dirs(run.dir, cfg, shape):
+        if (folder / "dense").exists():
+            continue
+        objective = MaskObjective(parent_dir, target, cfg.sheared)
+        result = fit(run, cfg.sheared.train, optimizer, objective, data_ref, workdir=folder)
+        if result.rank == 0:
+            dense = to_dense(result.module, target)
+            staging = folder / "dense.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            dense.save_pretrained(staging)
+            objective.tokenizer.save_pretrained(staging)
+            store.write_json(staging / "masks_summary.json", {"expected": objective.metrics(result.module),
+                                                              "tokens": result.summary["tokens"]})
+            store.publish_dir(staging, folder / "dense")
+        result.barrier()
+
+
+def apply(ctx: Context) -> Pruned:
+    """The learned candidates, each scored by calibration loss; the lowest one is the result."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .calibration import select
+
+    def learned():
+        for folder in sorted((ctx.workdir / "sheared").glob("candidate*")):
+            model = AutoModelForCausalLM.from_pretrained(folder / "dense", dtype=torch.float32,
+                                                         attn_implementation="sdpa").eval()
+            info = json.loads((folder / "dense" / "masks_summary.json").read_text())
+            yield model, {**Shape.of(model).describe(), "mask_tokens": info["tokens"], **info["expected"]}
+
+    with ctx.meter.phase("score learned candidates"):
+        return Pruned(select(learned(), ctx.ids, ctx.micro, ctx.device, ctx.report["candidates"]))

@@ -12,9 +12,12 @@ from pydantic import Field
 
 from ..errors import PrunectlError
 from ..schema import Strict
+from .context import Context, Pruned
 
 if TYPE_CHECKING:
     import torch
+
+    from .surgery import Shape
 
 
 class SparseGPTConfig(Strict):
@@ -138,3 +141,64 @@ def sparsegpt_(weight: torch.Tensor, xtx: torch.Tensor, samples: int, ratio: flo
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     weight.data.copy_((w * keep).to(weight.dtype))
     return keep
+
+
+def feasible(cfg, shape: Shape) -> None:
+    """N:M needs every Linear's input width divisible by M; unstructured sparsity fits any shape."""
+    nm = parse_pattern(cfg.pattern)
+    if nm:
+        widths = {"hidden": shape.hidden, "attention": shape.heads * shape.head_dim, "ffn": shape.ffn}
+        bad = [f"{k} {v}" for k, v in widths.items() if v % nm[1]]
+        if bad:
+            raise PrunectlError(f"prune.pattern: {cfg.pattern} needs every Linear input width divisible by {nm[1]}; "
+                                f"this parent has {', '.join(bad)}")
+
+
+def apply_magnitude(ctx: Context) -> Pruned:
+    """|W| per matrix (or N:M), no data."""
+    from . import calibration as calib
+
+    nm, masks = parse_pattern(ctx.cfg.pattern), {}
+    with ctx.meter.phase("prune"):
+        for i, layer in enumerate(ctx.model.model.layers):
+            for name in calib.LINEARS:
+                lin = layer.get_submodule(name)
+                keep = magnitude_mask(lin.weight.data, ctx.cfg.ratio, nm)
+                lin.weight.data.mul_(keep)
+                masks[f"model.layers.{i}.{name}.weight"] = keep.cpu()
+    return Pruned(ctx.model, masks)
+
+
+def apply_wanda(ctx: Context) -> Pruned:
+    """|W| x ||X||, compared per output row (or N:M), layer by layer on the pruned model's activations."""
+
+    def prune(lin, stats, name: str):
+        keep = wanda_mask(lin.weight.data, stats.norm.to(lin.weight.device), ctx.cfg.ratio, parse_pattern(ctx.cfg.pattern))
+        lin.weight.data.mul_(keep)
+        return keep
+
+    return _layerwise(ctx, prune, gram=False)
+
+
+def apply_sparsegpt(ctx: Context) -> Pruned:
+    """OBS-style pruning with weight reconstruction from X^T X, layer by layer."""
+
+    def prune(lin, stats, name: str):
+        return sparsegpt_(lin.weight, stats.xtx, stats.n, ctx.cfg.ratio, parse_pattern(ctx.cfg.pattern),
+                          ctx.cfg.sparsegpt, name)
+
+    return _layerwise(ctx, prune, gram=True)
+
+
+def _layerwise(ctx: Context, prune, gram: bool) -> Pruned:
+    from . import calibration as calib
+
+    masks = {}
+    with ctx.meter.phase("prune (sequential)"):
+        walk = calib.Layerwise(ctx.model, ctx.ids, ctx.micro, ctx.device)
+        for i, layer in walk.each_layer():
+            stats = calib.collect(layer, lambda: walk.forward(layer, update=False), gram=gram)
+            for name in calib.LINEARS:
+                keep = prune(layer.get_submodule(name), stats[name], f"model.layers.{i}.{name}")
+                masks[f"model.layers.{i}.{name}.weight"] = keep.cpu()
+    return Pruned(ctx.model, masks)

@@ -9,12 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import PrunectlError
-from .calibration import Layerwise, batches, collect
+from .context import Context, Pruned
+from .calibration import Layerwise, batches, collect, select
 from .surgery import Shape, cut
 
 if TYPE_CHECKING:
     import torch
     from transformers import LlamaForCausalLM
+
 
 
 def _spread(items: list, count: int) -> list:
@@ -158,3 +160,34 @@ def flap_prune(model: LlamaForCausalLM, ids: torch.Tensor, micro: int, device, t
         keep_ffn.append(ffn.cpu())
     # the Linears now carry their compensated biases; cut() copies them into the smaller dense model
     return cut(model, kv_groups=keep_groups, ffn=keep_ffn, biases=True)
+
+
+def minitron_feasible(cfg, shape: Shape) -> None:
+    minitron_candidates(shape, cfg.ratio, cfg.search.quantum, cfg.search.candidates)
+
+
+def flap_feasible(cfg, shape: Shape) -> None:
+    flap_candidates(shape, cfg.ratio, cfg.search.quantum, cfg.search.candidates)
+
+
+def apply_minitron(ctx: Context) -> Pruned:
+    """Minitron-width: activation importance once, then every candidate shape cut from it (Table 5)."""
+
+    candidates = minitron_candidates(ctx.shape, ctx.cfg.ratio, ctx.cfg.search.quantum, ctx.cfg.search.candidates)
+    with ctx.meter.phase("score channels"):
+        scores = minitron_scores(ctx.model, ctx.ids, ctx.micro)
+    with ctx.meter.phase(f"search {len(candidates)} candidate(s)"):
+        made = ((minitron_prune(ctx.model, scores, t), t.describe()) for t in candidates)
+        return Pruned(select(made, ctx.ids, ctx.micro, ctx.device, ctx.report["candidates"]))
+
+
+def apply_flap(ctx: Context) -> Pruned:
+    """FLAP: fluctuation scores and bias compensation per candidate shape (Table 6)."""
+    import copy
+
+
+    candidates = flap_candidates(ctx.shape, ctx.cfg.ratio, ctx.cfg.search.quantum, ctx.cfg.search.candidates)
+    with ctx.meter.phase(f"search {len(candidates)} candidate(s)"):
+        made = ((flap_prune(copy.deepcopy(ctx.model).cpu(), ctx.ids, ctx.micro, ctx.device, t), t.describe())
+                for t in candidates)
+        return Pruned(select(made, ctx.ids, ctx.micro, ctx.device, ctx.report["candidates"]))

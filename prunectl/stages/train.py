@@ -1,97 +1,38 @@
-"""Retraining (R_N of P-R_N) and scratch twins (S_N, S_total): what they train, and what they must not.
+"""`prunectl pretrain` and `prunectl retrain`: the checks that run before anything is written (every problem
+at once), the run a job executes on every rank, and the LR-sweep winner a plain submission trains with.
 
-Both run the one training loop (train.fit) with their own Objective:
-- Retrain starts from a complete run's final/ model, holds its sparse mask if it has one, and can
-  distil from a frozen teacher (by default the pruned run's parent).
-- A scratch twin builds the pruned architecture at random (`like: <prune run>`) and, for a sparse
-  prune run, zeroes the pruned weights and holds that mask too (the paper's Appendix G setting).
-
-The checks here run on the login node before anything is written: they collect every problem.
+Pretraining (parents, S_N and S_total twins) and retraining (R_N of P-R_N) run the one training loop
+(train.fit) with the Objective their recipe names (objectives.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
-from . import masks as sparse_masks
-from . import store
-from .errors import PrunectlError
-from .model import locate
-from .train import Objective
+from .. import lifecycle, lineage, store
+from .. import masks as sparse_masks
+from ..artifacts import DataMeta, TrainSummary, summary_of
+from ..errors import PrunectlError
+from ..model import locate
+from ..sweep import SweepChoice, prefix_overrides
 
+if TYPE_CHECKING:
+    from ..launch import Resources
+    from ..recipe import PretrainRecipe, RetrainRecipe
+    from ..train import Objective
 
-# ---------------------------------------------------------------------------------------- objectives
-
-
-class _Masked(Objective):
-    """Holds a sparse mask (if any) from build to the saved model, and records the sparsity reached."""
-
-    masks: dict | None = None
-
-    def finish(self, state: dict[str, Any], final: Path) -> dict[str, Any]:
-        if not self.masks:
-            return {}
-        summary = sparse_masks.check(state, self.masks)
-        sparse_masks.save(self.masks, final)
-        return summary
+    TrainRecipe = Union[PretrainRecipe, RetrainRecipe]
 
 
-class RetrainObjective(_Masked):
-    def __init__(self, init_dir: Path, teacher_dir: Path | None = None, distill=None) -> None:
-        from transformers import AutoTokenizer
-
-        super().__init__()
-        self.init_dir, self.teacher_dir, self.distill = Path(init_dir), teacher_dir, distill
-        self.masks = sparse_masks.load(self.init_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.init_dir)
-        self.teacher = None
-
-    def build(self, tokenizer, vocab_size: int, seed: int):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(self.init_dir, dtype=torch.float32, attn_implementation="sdpa")
-        if self.masks:
-            sparse_masks.hold(model, self.masks)
-        return model
-
-    def loss(self, engine, x, step: int):
-        if self.distill is None:
-            return super().loss(engine, x, step)
-        from . import distill
-
-        if self.teacher is None:  # loaded once, on the rank's device, after DeepSpeed has placed the student
-            self.teacher = distill.load_teacher(self.teacher_dir, x.device)
-        logits = engine(input_ids=x).logits
-        ce = distill.next_token_loss(logits, x)
-        kd = distill.kd_loss(logits[:, :-1], distill.teacher_logits(self.teacher, x)[:, :-1], self.distill.temperature)
-        alpha = self.distill.alpha
-        return alpha * kd + (1 - alpha) * ce, {"loss": ce, "kd_loss": kd}
-
-
-class ScratchTwinObjective(_Masked):
-    """The pruned run's architecture at random initialisation, with its sparse mask held if it has one."""
-
-    def __init__(self, like_dir: Path) -> None:
-        super().__init__()
-        self.like_dir = Path(like_dir)
-        self.masks = sparse_masks.load(self.like_dir)
-
-    def build(self, tokenizer, vocab_size: int, seed: int):
-        from transformers import AutoConfig
-
-        from . import model as models
-
-        model = models.build(AutoConfig.from_pretrained(self.like_dir), seed)
-        if self.masks:
-            sparse_masks.hold(model, self.masks)
-        return model
-
-
-def objective_for(root: Path, recipe, inputs: dict[str, str]) -> Objective:
+def objective_for(root: Path, recipe: TrainRecipe, inputs: dict[str, str]) -> Objective:
     """The Objective a pretrain or retrain run trains, from its resolved recipe and recorded inputs."""
+    from ..objectives import RetrainObjective, ScratchTwinObjective
+    from ..train import Objective
+
     if recipe.stage == "retrain":
         teacher = locate(root, inputs["teacher"])[0] if recipe.distill else None
         return RetrainObjective(store.resolve(root, inputs["init"]).final, teacher, recipe.distill)
@@ -100,22 +41,77 @@ def objective_for(root: Path, recipe, inputs: dict[str, str]) -> Objective:
     return Objective(recipe.model)
 
 
-# ---------------------------------------------------------------------------------------- lineage
+def run(run: store.Run, recipe: TrainRecipe) -> dict[str, Any]:
+    """Run (or resume) a pretrain or retrain run on every rank; rank 0 publishes the model and returns the summary.
+
+    A sweep's prefix run keeps only its metrics and summary: its model is never used."""
+    from .. import distributed
+    from .. import model as models
+    from ..train import fit
+
+    env = distributed.init()
+    inputs = run.manifest().inputs
+    summary: dict[str, Any] = {}
+    with lifecycle.running(run, env.job_id, writer=env.writer):
+        objective = objective_for(run.root, recipe, inputs)
+        result = fit(run, recipe.train, recipe.optimizer, objective, inputs["data"])
+        if result.rank == 0:
+            summary = {**run.manifest().summary, **result.summary}
+            if recipe.train.prefix_tokens is None:
+                staging = run.dir / "final.partial"
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir()
+                summary.update(objective.finish(result.state, staging))
+                # save_pretrained may drop entries from the dict it is given (shared tensors): hand it a copy
+                models.save(objective.language_model(result.module), dict(result.state), result.tokenizer, staging)
+                store.publish_dir(staging, run.final)
+            lifecycle.complete(run, summary=TrainSummary.model_validate(summary).model_dump(exclude_unset=True))
+    result.barrier()
+    return summary
 
 
-def parent_pretraining(root: Path, run: store.Run, _depth: int = 0) -> tuple[str, store.DataUse] | None:
-    """The pretraining (run ref, tokens consumed) behind a run: itself, or up through prune/retrain inputs.
+# ---------------------------------------------------------------------------------------- LR sweeps
 
-    None when the lineage ends at a Hugging Face directory, whose training data prunectl cannot know."""
-    manifest = run.manifest()
-    if manifest is None or _depth > 16:
-        return None
-    if manifest.stage == "pretrain":
-        return (run.ref, manifest.data) if manifest.data else None
-    upstream = manifest.inputs.get("parent" if manifest.stage == "prune" else "init")
-    if upstream is None or Path(upstream).is_absolute():
-        return None
-    return parent_pretraining(root, store.resolve(root, upstream), _depth + 1)
+
+def choose_lr(root: Path, recipe_ref: str, overrides: list[str], recipe: TrainRecipe) -> SweepChoice:
+    """The winning LR from complete prefix runs of exactly this recipe; an error naming what is missing."""
+    from .. import recipe as recipes
+
+    losses, runs, missing = {}, {}, []
+    for lr in recipe.sweep.lrs:
+        prefix = recipes.resolve(recipe_ref, [*overrides, *prefix_overrides(recipe.name, recipe.sweep, lr)])
+        match = recipes.runs_of(root, prefix, complete=True)
+        if not match:
+            missing.append(f"{lr:g}")
+            continue
+        loss = summary_of(match[-1].manifest()).final_train_loss
+        runs[f"{lr:g}"] = match[-1].ref
+        losses[f"{lr:g}"] = loss if loss is not None and math.isfinite(loss) else math.inf
+    if missing:
+        raise PrunectlError(
+            f"sweep: {recipe.name} has no complete prefix run for lr {', '.join(missing)}; run "
+            f"`prunectl {recipe.stage} {recipe_ref} --sweep lr` first (or set sweep=null to train with optimizer.lr)")
+    best = min(losses, key=losses.get)
+    if not math.isfinite(losses[best]):
+        raise PrunectlError(f"sweep: every prefix run of {recipe.name} diverged; widen sweep.lrs toward smaller values")
+    return SweepChoice(chosen_lr=float(best), prefix_tokens=recipe.sweep.prefix_tokens, runs=runs,
+                       final_train_loss=losses)
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def _data_meta(root: Path, ref: str, key: str, problems: list[str]) -> tuple[store.Run | None, DataMeta | None]:
+    try:
+        run = store.resolve(root, ref)
+    except PrunectlError as err:
+        problems.append(f"{key}: {err.problems[0]}; prepare it with `prunectl data prepare <its recipe>`")
+        return None, None
+    return run, DataMeta.read(run.dir)
+
+
+def _config(model: Path) -> dict[str, Any]:
+    return json.loads((model / "config.json").read_text())
 
 
 def range_overlaps(root: Path, data_ref: str, train, seen: tuple[str, store.DataUse]) -> list[str]:
@@ -124,12 +120,12 @@ def range_overlaps(root: Path, data_ref: str, train, seen: tuple[str, store.Data
     data_run = store.resolve(root, data_ref)
     if data_run.ref != use.data:
         return []  # another token stream: no shared offsets to compare
-    meta = json.loads((data_run.dir / "data.json").read_text())["ranges"]
+    meta = DataMeta.read(data_run.dir).ranges
     problems = []
     for name in train.data_ranges:
         if name not in meta:
             continue
-        start, end = meta[name]["start"], meta[name]["end"]
+        start, end = meta[name].start, meta[name].end
         end = min(end, start + train.range_tokens.get(name, end - start))
         shared = sum(max(0, min(end, iv.end) - max(start, iv.start)) for iv in use.intervals)
         if shared:
@@ -139,23 +135,8 @@ def range_overlaps(root: Path, data_ref: str, train, seen: tuple[str, store.Data
     return problems
 
 
-# ---------------------------------------------------------------------------------------- checks
-
-
-def _data_meta(root: Path, ref: str, key: str, problems: list[str]) -> tuple[store.Run | None, dict]:
-    try:
-        run = store.resolve(root, ref)
-    except PrunectlError as err:
-        problems.append(f"{key}: {err.problems[0]}; prepare it with `prunectl data prepare <its recipe>`")
-        return None, {}
-    return run, json.loads((run.dir / "data.json").read_text())
-
-
-def _config(model: Path) -> dict[str, Any]:
-    return json.loads((model / "config.json").read_text())
-
-
-def check_train(r, data_run, meta: dict, res, vocab: int | None, max_position: int | None) -> list[str]:
+def check_train(r: TrainRecipe, data_run, meta: DataMeta | None, res: Resources, vocab: int | None,
+                max_position: int | None) -> list[str]:
     """Problems shared by every training stage: ranges, batch split over ranks, vocabulary, context."""
     problems = []
     t = r.train
@@ -163,15 +144,15 @@ def check_train(r, data_run, meta: dict, res, vocab: int | None, max_position: i
         problems.append(f"train.global_batch: {t.global_batch} is not a multiple of micro_batch x ranks "
                         f"= {t.micro_batch} x {res.world}")
     if data_run is not None:
-        missing = [n for n in [*t.data_ranges, t.eval_range] if n not in meta["ranges"]]
+        missing = [n for n in [*t.data_ranges, t.eval_range] if n not in meta.ranges]
         if missing:
             problems.append(f"train.data_ranges: {data_run.ref} has no range {', '.join(missing)} "
-                            f"(it has {', '.join(meta['ranges'])})")
+                            f"(it has {', '.join(meta.ranges)})")
         for name, n in t.range_tokens.items():
-            if name in meta["ranges"] and n > meta["ranges"][name]["end"] - meta["ranges"][name]["start"]:
+            if name in meta.ranges and n > meta.ranges[name].tokens:
                 problems.append(f"train.range_tokens: {n:,} tokens of '{name}' asked, but {data_run.ref}'s holds "
-                                f"{meta['ranges'][name]['end'] - meta['ranges'][name]['start']:,}")
-        have = meta["tokenizer"]["vocab_size"]
+                                f"{meta.ranges[name].tokens:,}")
+        have = meta.tokenizer.vocab_size
         if vocab is not None and vocab < have:
             problems.append(f"vocabulary: the model has {vocab:,} entries, fewer than {data_run.ref}'s tokenizer ({have:,})")
     if max_position is not None and t.seq_len > max_position:
@@ -186,7 +167,7 @@ def _sparse_zero3(r, masks_present: bool, what: str) -> list[str]:
     return []
 
 
-def check_retrain(root: Path, r, res) -> dict[str, str]:
+def check_retrain(root: Path, r: RetrainRecipe, res: Resources) -> dict[str, str]:
     """Init run, data, teacher, mask/ZeRO compatibility and data disjointness; every problem at once."""
     problems: list[str] = []
     inputs: dict[str, str] = {}
@@ -199,8 +180,8 @@ def check_retrain(root: Path, r, res) -> dict[str, str]:
             init = None
     except PrunectlError as err:
         problems.append(f"init: {err.problems[0]}; prune (or pretrain) it first")
-    data_ref = r.data or (_data_of(root, init) if init else None)
-    data_run, meta = (None, {})
+    data_ref = r.data or (lineage.data_of(root, init) if init else None)
+    data_run, meta = (None, None)
     if data_ref is None and init is not None:
         problems.append(f"data: {init.ref} names no data run; set data: <prepared data run>")
     elif data_ref is not None:
@@ -212,27 +193,14 @@ def check_retrain(root: Path, r, res) -> dict[str, str]:
                             config and config.get("max_position_embeddings"))
     if init is not None:
         problems += _sparse_zero3(r, (init.final / sparse_masks.FILE).exists(), init.ref)
-        lineage = parent_pretraining(root, init)
-        if lineage is not None and data_run is not None:
-            problems += range_overlaps(root, data_run.ref, r.train, lineage)
+        seen = lineage.pretraining(root, init)
+        if seen is not None and data_run is not None:
+            problems += range_overlaps(root, data_run.ref, r.train, seen)
     if r.distill is not None and init is not None:
         problems += _check_teacher(root, r, init, config, inputs)
     if problems:
         raise PrunectlError(*problems)
     return inputs
-
-
-def _data_of(root: Path, run: store.Run) -> str | None:
-    """The prepared data a run used, following prune/retrain inputs upward."""
-    for _ in range(16):
-        manifest = run.manifest()
-        if "data" in manifest.inputs:
-            return manifest.inputs["data"]
-        upstream = manifest.inputs.get("init") or manifest.inputs.get("like")
-        if upstream is None:
-            return None
-        run = store.resolve(root, upstream)
-    return None
 
 
 def _check_teacher(root: Path, r, init: store.Run, student: dict[str, Any], inputs: dict[str, str]) -> list[str]:
@@ -262,7 +230,7 @@ def _vocab(model: Path) -> dict[str, int] | None:
         return None
 
 
-def check_pretrain(root: Path, r, res) -> dict[str, str]:
+def check_pretrain(root: Path, r: PretrainRecipe, res: Resources) -> dict[str, str]:
     """A pretrain recipe (scratch twins included): data, ranges, architecture source; every problem at once."""
     problems: list[str] = []
     data_run, meta = _data_meta(root, r.data, "data", problems)
@@ -291,12 +259,12 @@ def _check_like(root: Path, r, data_run, problems: list[str]) -> store.Run | Non
         problems.append(f"like: {like.ref} is a {stage} run; a scratch twin copies the architecture of a prune run")
         return None
     problems += _sparse_zero3(r, (like.final / sparse_masks.FILE).exists(), like.ref)
-    lineage = parent_pretraining(root, like)
-    if lineage is not None and data_run is not None:
+    seen = lineage.pretraining(root, like)
+    if seen is not None and data_run is not None:
         if r.twin == "N":
-            problems += range_overlaps(root, data_run.ref, r.train, lineage)
+            problems += range_overlaps(root, data_run.ref, r.train, seen)
         else:
-            absent = [name for name in lineage[1].ranges if name not in r.train.data_ranges]
+            absent = [name for name in seen[1].ranges if name not in r.train.data_ranges]
             if absent:
                 problems.append(f"train.data_ranges: S_total (twin: total) trains on the parent's ranges too; "
                                 f"add {', '.join(absent)}")

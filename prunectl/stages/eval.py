@@ -7,86 +7,25 @@ an interrupted eval leaves nothing that looks like a result.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import yaml
-from pydantic import Field, model_validator
-
+from .. import lineage, store
+from ..artifacts import DataMeta, EvalResults
 from ..errors import PrunectlError
-from ..schema import Strict
+from ..evaluate import harness
+from ..evaluate.config import CHOICE_SUFFIX, results_path
 
-
-class HeldOutLoss(Strict):
-    """Mean next-token loss on the training stream's held-out range (the paper's DCLM loss)."""
-
-    range: str = "validation"
-    tokens: int = Field(65536, ge=2)
-    seq_len: int = Field(256, ge=2)
-
-
-class PerplexityCorpus(Strict):
-    """Perplexity on a corpus: a held-out range of a prepared data run, or a Hugging Face dataset split."""
-
-    name: str
-    data: str | None = Field(None, description="prepared data run whose range is scored (its token stream)")
-    range: str | None = None
-    dataset: str | None = Field(None, description="Hugging Face dataset id, read from the local cache")
-    subset: str | None = Field(None, description="dataset configuration, e.g. wikitext-2-raw-v1")
-    split: str = Field("test", description="validation or test: never a split anything trained or calibrated on")
-    data_files: str | None = Field(None, description="files of the dataset to read (e.g. one C4 validation shard)")
-    field: str = "text"
-    seq_len: int = Field(8192, ge=2)
-    sequences: int = Field(256, ge=1, description="non-overlapping windows scored")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> PerplexityCorpus:
-        if (self.dataset is None) == (self.data is None or self.range is None):
-            raise ValueError(f"perplexity corpus '{self.name}': give either data + range or dataset")
-        if self.dataset is not None and self.split not in ("validation", "test"):
-            raise ValueError(f"perplexity corpus '{self.name}': split '{self.split}' is not held out; use validation or test")
-        return self
-
-    def files(self) -> dict[str, str] | None:
-        """data_files, named after the split they are (so `split` still says what is read)."""
-        return {self.split: self.data_files} if self.data_files else None
-
-
-class ZeroShot(Strict):
-    tasks: list[str] = Field(default_factory=list, description="lm-eval task names (the built-in choice task: data-run name + '-continuation')")
-    include: list[str] = Field(default_factory=list, description="directories of local lm-eval task YAMLs")
-    batch_size: int | Literal["auto"] = Field("auto", description="auto: 16 on CPU, lm-eval's search on GPU")
-    num_fewshot: int = Field(0, ge=0)
-    limit: int | None = Field(None, ge=1, description="score only the first N documents of each task")
-
-
-class EvalConfig(Strict):
-    heldout: HeldOutLoss | None = HeldOutLoss()
-    perplexity: list[PerplexityCorpus] = Field(default_factory=list)
-    zero_shot: ZeroShot = ZeroShot()
-    batch_size: int = Field(8, ge=1, description="windows per forward pass for held-out loss and perplexity")
-
-    def key(self) -> str:
-        """The results file's name: a hash of everything that changes a number."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-CHOICE_SUFFIX = "-continuation"
-
-
-def results_path(run_dir: Path, cfg: EvalConfig) -> Path:
-    return Path(run_dir) / "eval" / f"{cfg.key()}.json"
+if TYPE_CHECKING:
+    from ..recipe import EvalRecipe
 
 
 def local_tasks(root: Path, data_ref: str | None, tasks: list[str], folder: Path) -> list[Path]:
     """lm-eval YAMLs for the data runs' built-in choice tasks named in `tasks`, written into `folder`."""
-    from .. import store
-    from .choice_task import task_yaml
+    from ..evaluate.choice_task import task_yaml
 
     written = []
     for name in tasks:
@@ -108,24 +47,20 @@ def local_tasks(root: Path, data_ref: str | None, tasks: list[str], folder: Path
     return sorted(set(written))
 
 
-def run_eval(run_dir: Path, cfg_json: str, force: bool = False) -> dict[str, Any]:
-    """Every measurement of `cfg` on the run's final model; the results file is the last thing written."""
-    import tempfile
-
+def run(recipe: EvalRecipe, run_dir: Path, force: bool = False) -> EvalResults:
+    """Every measurement of the recipe's eval on the run's final model; the results file is the last thing written."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .. import store
     from ..data import TokenStream, validation_starts
+    from ..evaluate.perplexity import joined_windows, score_windows, stream_windows
     from ..model import parameter_counts
-    from . import harness
-    from .perplexity import joined_windows, score_windows, stream_windows
 
-    cfg = EvalConfig.model_validate_json(cfg_json)
+    cfg = recipe.eval
     run_dir = Path(run_dir)
     out_path = results_path(run_dir, cfg)
     if out_path.exists() and not force:
-        return json.loads(out_path.read_text())
+        return EvalResults.read(out_path)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
     threads = int(os.environ.get("PRUNECTL_THREADS", "0"))
@@ -144,7 +79,7 @@ def run_eval(run_dir: Path, cfg_json: str, force: bool = False) -> dict[str, Any
         "code_version": store.code_version(),
     }
 
-    if cfg.heldout is not None:
+    if cfg.heldout is not None and cfg.heldout.tokens:
         stream = TokenStream(store.resolve(run.root, data_ref).dir)
         r = stream.range(cfg.heldout.range)
         starts = validation_starts(stream, cfg.heldout.range, cfg.heldout.seq_len, cfg.heldout.tokens)
@@ -185,8 +120,9 @@ def run_eval(run_dir: Path, cfg_json: str, force: bool = False) -> dict[str, Any
     results["seconds"] = round(time.perf_counter() - started, 2)
     results["finished"] = store.now()
     results["packages"] = store.package_versions()
-    store.write_json(out_path, results)
-    return results
+    typed = EvalResults.model_validate(results)
+    typed.write(out_path)
+    return typed
 
 
 def _timed(fn, *args) -> dict[str, Any]:
@@ -200,38 +136,33 @@ def _timed(fn, *args) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ checks
 
 
-def trained_on(root: Path, run) -> set[tuple[str, str]]:
-    """(data run, range) pairs a model's lineage trained or calibrated on: never scored as held out."""
-    from .. import store
+def prefetch(recipe: EvalRecipe) -> list[str]:
+    """On a login node with internet: fill the Hugging Face cache with every dataset the suite reads."""
+    from datasets import load_dataset
 
-    seen: set[tuple[str, str]] = set()
-    frontier = [run]
-    while frontier:
-        current = frontier.pop()
-        manifest = current.manifest()
-        if manifest is None:
-            continue
-        if manifest.data is not None:
-            seen.update((manifest.data.data, name) for name in manifest.data.ranges)
-        if manifest.stage == "prune":
-            calib = yaml.safe_load((current.dir / "recipe.yaml").read_text()).get("calibration") or {}
-            data = manifest.inputs.get("calibration") or manifest.inputs.get("data")
-            if data:
-                seen.add((data, calib.get("range", "calibration")))
-        for key in ("parent", "init", "like"):
-            ref = manifest.inputs.get(key)
-            if ref and not Path(ref).is_absolute():
-                try:
-                    frontier.append(store.resolve(root, ref))
-                except PrunectlError:
-                    continue
-    return seen
+    done = []
+    for corpus in recipe.eval.perplexity:
+        if corpus.dataset:
+            with harness.offline(False):
+                load_dataset(corpus.dataset, corpus.subset, split=corpus.split, data_files=corpus.files())
+            done.append(f"cached {corpus.dataset} {corpus.subset or ''} {corpus.split}")
+    hub = [t for t in recipe.eval.zero_shot.tasks if not t.endswith(CHOICE_SUFFIX)]
+    if hub:
+        harness.prefetch(hub, [Path(p) for p in recipe.eval.zero_shot.include])
+        done.append(f"cached the data of {', '.join(hub)}")
+    return done
 
 
-def check(root: Path, r, tasks: bool = True) -> tuple[Any, str | None]:
+def check_target(run_dir: Path) -> None:
+    """A study's eval job, at its start: the run it evaluates must have completed."""
+    run = store.Run.at(run_dir)
+    manifest = run.manifest()
+    if manifest is None or manifest.status != "complete":
+        raise PrunectlError(f"{run.ref}: is {manifest.status if manifest else 'missing'}, not complete; nothing to evaluate")
+
+
+def check(root: Path, r: EvalRecipe, tasks: bool = True) -> tuple[store.Run, str | None]:
     """The run and its data, and every problem with the eval configuration; nothing is written."""
-    from .. import store
-    from . import harness
 
     problems: list[str] = []
     try:
@@ -242,14 +173,14 @@ def check(root: Path, r, tasks: bool = True) -> tuple[Any, str | None]:
         raise PrunectlError(f"run: {run.ref} has no final model to evaluate (an LR sweep's prefix run keeps none)")
     data_ref = run.manifest().inputs.get("data")
     cfg = r.eval
-    if cfg.heldout is not None:
+    if cfg.heldout is not None and cfg.heldout.tokens:
         if data_ref is None:
             problems.append(f"eval.heldout: {run.ref} names no data run; set eval.heldout=null")
         else:
-            meta = json.loads((store.resolve(root, data_ref).dir / "data.json").read_text())
-            if cfg.heldout.range not in meta["ranges"]:
+            meta = DataMeta.read(store.resolve(root, data_ref).dir)
+            if cfg.heldout.range not in meta.ranges:
                 problems.append(f"eval.heldout.range: {data_ref} has no range {cfg.heldout.range}")
-    used = trained_on(root, run)
+    used = lineage.trained_on(root, run)
     for corpus in cfg.perplexity:
         if corpus.data is None:
             continue
@@ -258,7 +189,7 @@ def check(root: Path, r, tasks: bool = True) -> tuple[Any, str | None]:
         except PrunectlError as err:
             problems.append(f"eval.perplexity[{corpus.name}].data: {err.problems[0]}")
             continue
-        ranges = json.loads((data_run.dir / "data.json").read_text())["ranges"]
+        ranges = DataMeta.read(data_run.dir).ranges
         if corpus.range not in ranges:
             problems.append(f"eval.perplexity[{corpus.name}].range: {data_run.ref} has no range {corpus.range}")
         elif (data_run.ref, corpus.range) in used:
@@ -267,8 +198,6 @@ def check(root: Path, r, tasks: bool = True) -> tuple[Any, str | None]:
     if problems:
         raise PrunectlError(*problems)
     if cfg.zero_shot.tasks and tasks:
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp, harness.offline():
             include = [*local_tasks(root, data_ref, cfg.zero_shot.tasks, Path(tmp)), *map(Path, cfg.zero_shot.include)]
             harness.check_tasks(cfg.zero_shot.tasks, include, f"prunectl eval {r.name} --prefetch")

@@ -1,0 +1,72 @@
+"""What a prune recipe says: the method (a key of the method table), its ratio or N:M pattern, search sizes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from ..schema import Strict
+from .methods import METHODS
+from .sheared import ShearedConfig
+from .sparse import SparseGPTConfig, parse_pattern
+
+
+class SearchConfig(Strict):
+    """Architecture search for methods whose budget admits several shapes (Tables 5 and 6)."""
+
+    candidates: int = Field(5, ge=1, description="at most this many shapes, spread over the feasible range")
+    quantum: int = Field(8, ge=1, description="hidden and MLP sizes are multiples of this")
+
+
+class PruneConfig(Strict):
+    method: str = Field(description="one of the method table's keys: " + ", ".join(METHODS))
+    ratio: float | None = Field(None, gt=0, lt=1, description="fraction of parameters removed; N:M implies it")
+    pattern: str = Field("unstructured", description="sparse methods: unstructured or N:M such as 2:4")
+    search: SearchConfig = SearchConfig()
+    sparsegpt: SparseGPTConfig = SparseGPTConfig()
+    sheared: ShearedConfig | None = Field(None, description="sheared-llama: mask-learning budget and targets")
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method; one of {', '.join(METHODS)}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ratio_from_pattern(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("ratio") is None:
+            try:
+                nm = parse_pattern(str(data.get("pattern", "unstructured")))
+            except ValueError:
+                return data  # reported by the after-validator
+            if nm:
+                data = {**data, "ratio": 1 - nm[0] / nm[1]}
+        return data
+
+    @model_validator(mode="after")
+    def _ratio_and_pattern(self) -> PruneConfig:
+        nm = parse_pattern(self.pattern)
+        if nm and not self.spec.sparse:
+            sparse = [name for name, m in METHODS.items() if m.sparse]
+            raise ValueError(f"pattern {self.pattern} applies to sparse methods ({', '.join(sparse)}), not {self.method}")
+        if nm and self.ratio is not None and not math.isclose(self.ratio, 1 - nm[0] / nm[1]):
+            raise ValueError(f"ratio {self.ratio} contradicts pattern {self.pattern}, which removes "
+                             f"{1 - nm[0] / nm[1]:g}; drop ratio")
+        if self.method == "sheared-llama" and self.sheared is None:
+            raise ValueError("sheared-llama needs prune.sheared with at least train: {tokens: ...}")
+        if self.ratio is None:
+            raise ValueError("ratio is required (the fraction of parameters to remove, e.g. 0.5)")
+        return self
+
+    @property
+    def spec(self):
+        """This method's entry in the method table."""
+        return METHODS[self.method]
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)

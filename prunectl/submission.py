@@ -1,0 +1,136 @@
+"""Submitting a stage's runs: resolve -> check inputs -> allocate (or resume) versions -> submit one job or one array.
+
+The CLI's pretrain, retrain and prune commands are this flow with their stage's row of the stage table;
+nothing here prints (the CLI renders what `plan` and `submit` return).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import launch, lifecycle, store
+from . import recipe as recipes
+from .errors import PrunectlError
+from .stages import STAGES, job, train
+from .sweep import SweepChoice, prefix_overrides
+
+EXECUTORS = ("slurm", "local", "debug")
+
+
+def check_executor(executor: str, allowed: tuple[str, ...] = EXECUTORS) -> None:
+    if executor not in allowed:
+        raise PrunectlError(f"--executor: '{executor}' is not one of {', '.join(allowed)}")
+
+
+def array_variants(base: list[str], array: str | None, example: str) -> list[list[str]]:
+    """The overrides of each job: one per value of --array key=v1,v2,... (just `base` without it)."""
+    if array is None:
+        return [base]
+    key, sep, values = array.partition("=")
+    if not sep or not key or not values:
+        raise PrunectlError(f"--array: '{array}' is not key=v1,v2,... e.g. --array {example}")
+    return [[*base, f"{key}={v}"] for v in values.split(",")]
+
+
+def resolve_as(stage: str, recipe_ref: str, overrides: list[str]) -> recipes.Recipe:
+    """The recipe, refused in one line when it is not a recipe of `stage`."""
+    r = recipes.resolve(recipe_ref, overrides)
+    if r.stage != stage:
+        raise PrunectlError(f"{recipe_ref}: is a {r.stage} recipe; `{stage}` takes a recipe with stage: {stage}")
+    return r
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    recipes: list[Any]  # one resolved recipe per job
+    inputs: list[dict[str, str]]  # each job's checked inputs as name@vNNN
+    res: launch.Resources
+    array: bool
+    choice: SweepChoice | None = None  # the sweep's winner a plain run trains with
+    base: list[str] = field(default_factory=list)
+
+
+def plan(stage: str, recipe_ref: str, overrides: list[str], profile: str | None, root: Path, array: str | None,
+         sweep: str | None, dry_run: bool) -> StagePlan:
+    """Everything checked, nothing written: the recipes each job runs, their inputs and resources."""
+    if sweep is not None and sweep != "lr":
+        raise PrunectlError(f"--sweep: '{sweep}' is not a sweep prunectl runs; the one it runs is --sweep lr")
+    if sweep and array:
+        raise PrunectlError("--sweep and --array each submit one job array; give one of them")
+    base = list(overrides)
+    variants = array_variants(base, array, "train.seed=0,1,2")
+    r = resolve_as(stage, recipe_ref, base)
+    choice, sweep_cfg = None, getattr(r, "sweep", None)
+    if sweep:
+        if sweep_cfg is None:
+            raise PrunectlError(f"--sweep lr: {r.name} has no sweep section (sweep: {{lrs: [...], prefix_tokens: N}})")
+        variants = [[*base, *prefix_overrides(r.name, sweep_cfg, lr)] for lr in sweep_cfg.lrs]
+    elif sweep_cfg is not None and not dry_run:
+        choice = train.choose_lr(root, recipe_ref, base, r)
+        variants = [[*v, f"optimizer.lr={choice.chosen_lr!r}"] for v in variants]
+    resolved = [recipes.resolve(recipe_ref, v) for v in variants]
+    res = launch.resources(resolved[0].launch, profile)
+    if sweep and sweep_cfg.parallelism:
+        res = res.model_copy(update={"array_parallelism": sweep_cfg.parallelism})
+    inputs = [STAGES[stage].check(root, each, res) for each in resolved]
+    return StagePlan(stage, resolved, inputs, res, bool(array or sweep), choice, base)
+
+
+def resumable(root: Path, r, new: bool) -> store.Run | None:
+    """The newest version of this exact recipe, if it was interrupted and nothing is running it."""
+    runs = store.versions(root, r.name)
+    if new or not runs:
+        return None
+    run = runs[-1]
+    manifest = run.manifest()
+    if manifest is None or manifest.status == "complete" or not recipes.same_recipe(run, r):
+        return None
+    if launch.job_alive(manifest):
+        raise PrunectlError(f"{run.ref}: is still {manifest.status} (job {', '.join(manifest.job_ids)}); "
+                            "wait for it, cancel it, or pass --new for a separate version")
+    return run
+
+
+def submit(p: StagePlan, root: Path, executor: str, new: bool, echo: Callable[[str], None]) -> list[tuple[store.Run, Any]]:
+    """Allocate (or resume) a version per recipe, then submit them as one job or one array."""
+    runs, fresh = [], []
+    for each, ins in zip(p.recipes, p.inputs):
+        run = None if p.array else resumable(root, each, new)
+        if run is None:
+            run = store.allocate(root, each.name)
+            fresh.append(run)
+            recipes.write_run_recipe(run, each)
+            manifest = store.Manifest(name=each.name, version=run.version, stage=p.stage, inputs=ins, executor=executor)
+            if p.choice is not None:
+                manifest = manifest.model_copy(update={"lr_sweep": p.choice.model_dump()})
+            run.write_manifest(manifest)
+        else:
+            echo(f"resuming {run.ref}" + (" from its newest complete checkpoint" if p.stage != "prune" else ""))
+            run.update(executor=executor, status="pending", finished=None)
+        runs.append(run)
+    dirs = [run.dir for run in runs]
+    try:
+        jobs = launch.submit(executor, p.res, p.recipes[0].name, [job(p.stage, d) for d in dirs],
+                             launch.array_folder(dirs), link_logs=dirs if len(dirs) > 1 else [])
+    except Exception as err:  # sbatch refused (bad partition, account, ...): leave no pending run behind
+        for run in runs:
+            if run in fresh:
+                shutil.rmtree(run.dir, ignore_errors=True)
+            else:
+                lifecycle.fail(run, "resubmission failed")
+        raise PrunectlError(f"submission failed: {submit_error(err)}") from None
+    for run, j in zip(runs, jobs):
+        manifest = run.manifest()
+        if str(j.job_id) not in manifest.job_ids:
+            run.update(job_ids=[*manifest.job_ids, str(j.job_id)])
+        echo(f"submitted {run.ref} as job {j.job_id} ({executor}); run directory {run.dir}")
+    return list(zip(runs, jobs))
+
+
+def submit_error(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else type(err).__name__
