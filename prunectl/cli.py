@@ -267,7 +267,8 @@ def compare(
 
 @app.command()
 def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt = "local", profile: Profile = None,
-          runs_dir: RunsDir = None, dry_run: DryRun = False, wait: Wait = False) -> None:
+          runs_dir: RunsDir = None, dry_run: DryRun = False, wait: Wait = False,
+          as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: the plan as JSON")] = False) -> None:
     """Submit a whole study: parent, prune runs, retrains, scratch twins, evals and the compare, chained by dependencies."""
     submission.check_executor(executor, ("slurm", "local"))
     r = submission.resolve_as("study", recipe, overrides or [])
@@ -287,10 +288,17 @@ def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
     planned = studies.Planner(root, study_file, r, data_refs, True, executor)
     planned.build()
     if dry_run:
-        for entry, ref in zip(r.data, data_refs):
-            render.line(f"data: `prunectl data prepare {studies.recipe_path(study_file, entry)}` here, first ({ref})")
+        data_steps = [{"recipe": studies.recipe_path(study_file, entry), "run": ref} for entry, ref in zip(r.data, data_refs)]
+        groups = list(studies.dry_run_groups(root, r, planned, executor, profile))
+        if as_json:
+            print(json.dumps({"data": data_steps, "nodes": [n.model_dump() for n in planned.nodes],
+                              "arrays": [{"title": title, "nodes": [n.key for n in bucket], "batch_script": script}
+                                         for title, bucket, script in groups]}, indent=1))
+            return
+        for step in data_steps:
+            render.line(f"data: `prunectl data prepare {step['recipe']}` here, first ({step['run']})")
         render.graph(views.graph_rows(root, planned.nodes, live=False))
-        for title, bucket, script in studies.dry_run_groups(root, r, planned, executor, profile):
+        for title, bucket, script in groups:
             render.rule(title)
             for n in bucket:
                 render.plain(f"  {n.ref}  {n.source} {' '.join(n.overrides)}")

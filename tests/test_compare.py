@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from prunectl import compare as cmp
+from prunectl import plots
 from prunectl.errors import PrunectlError
-from prunectl.evaluate.stage import EvalConfig
+from prunectl.evaluate.config import EvalConfig
 
 from .conftest import prunectl, refused
 
@@ -86,7 +87,7 @@ def test_tables_signs_and_stderr(tmp_path: Path):
     assert ("wanda-50", "S_total") not in rows
 
     out = tmp_path / "out"
-    written = {p.name for p in cmp.write(c, out)}
+    written = {p.name for p in cmp.write(c, out) + plots.plot_all(c, out)}
     assert {"tables.md", "summary.csv", "per_benchmark.csv", "tables.tex", "compare.json",
             "model_sizes.png", "total_budget.png"} <= written
     data = json.loads((out / "compare.json").read_text())
@@ -115,7 +116,7 @@ def test_budgets_and_ratios_tables(tmp_path: Path):
     budgets = cmp.budget_table(c)
     assert [(r[1].value, r[2].value) for r in budgets.rows] == [("S_N", "500"), ("P-R_N", "500"), ("delta S_N", ""),
                                                                ("S_N", "1k"), ("P-R_N", "1k"), ("delta S_N", "")]
-    assert "token_budgets.png" in {p.name for p in cmp.write(c, tmp_path / "out")}  # Figure 3 needs two budgets
+    assert "token_budgets.png" in {p.name for p in plots.plot_all(c, tmp_path / "out")}  # Figure 3 needs two budgets
     ratios = cmp.ratio_table(c)
     assert [r[1].value for r in ratios.rows] == ["50.0%", "75.0%"]
     deltas = [r[ratios.columns.index("held-out loss delta")].value for r in ratios.rows]
@@ -157,7 +158,8 @@ def test_cli_refuses_mismatch_in_one_line_and_writes_nothing(tmp_path: Path):
     assert "not token-matched: wanda-50: wanda-50-s@v001 (S_N) consumed 500 tokens (retrain [200, 700))" in out
     assert not (root / "cmp").exists()
     done = prunectl("compare", str(recipe), "--runs-dir", str(root), "--allow-mismatch", env=env)
-    assert done.returncode == 0, done.stderr
+    # the written result says which pair is not token-matched, for whoever reads it later
+    assert json.loads((root / "cmp" / "v001" / "compare.json").read_text())["methods"][0]["budgets"][0]["token_matched"] is False
     assert "not token-matched: wanda-50" in done.stderr and (root / "cmp" / "v001" / "tables.md").exists()
     assert "NOT token-matched" in (root / "cmp" / "v001" / "tables.md").read_text()
     manifest = json.loads((root / "cmp" / "v001" / "manifest.json").read_text())

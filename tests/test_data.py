@@ -84,6 +84,14 @@ def test_missing_hub_dataset_offline_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    # `datasets` and `huggingface_hub` read these once, at import: an earlier test in this process may have imported
+    # them, and then the lookup would go to the network (23 s of retries on a machine without one) instead of failing
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PrunectlError, match="not in the local cache"):
         data.read_documents(data.DataConfig(sources=[data.SourceConfig(kind="hf", dataset="someone/absent-corpus")]))
 

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 
-from .conftest import prunectl
+from .conftest import manifest, prunectl
+
+pytestmark = pytest.mark.slow  # every test reads the `pruned` fixture: a parent trained, then eleven prune jobs
 
 
-def test_every_method_leaves_a_complete_run_that_loads_with_the_reported_size(pruned):
+def test_every_method_leaves_a_complete_run_that_loads_with_the_reported_size(pruned, workspace):
     for key, report in pruned["reports"].items():
         assert pruned["loaded"][key]["total"] == report["parameters"]["after"]["total"], key
-        assert report["phases"] and all(p["seconds"] >= 0 and p["peak_memory_mb"] > 0 for p in report["phases"])
+        # the phases account for the job: from loading the parent to saving the result, in real seconds that fit
+        # inside the run's own lifetime (created -> finished, whole seconds in the manifest)
+        phases = report["phases"]
+        assert phases[0]["phase"] == "load" and phases[-1]["phase"] == "save", (key, phases)
+        m = manifest(workspace["runs"], f"test-prune-{key}")
+        lifetime = (datetime.fromisoformat(m["finished"]) - datetime.fromisoformat(m["created"])).total_seconds()
+        assert 0 < sum(p["seconds"] for p in phases) <= lifetime + 1, (key, phases, lifetime)
+        assert all(p["peak_memory_mb"] > 0 for p in phases), key
         assert report["calibration_loss"]["after"] is not None or key.startswith("magnitude")
     depth = pruned["reports"]["depth"]
     assert pruned["loaded"]["depth"]["layers"] == depth["architecture"]["after"]["layers"] < 4

@@ -15,6 +15,9 @@ from safetensors.torch import load_file
 
 from .conftest import REPO, manifest, prunectl, refused
 
+pytestmark = pytest.mark.slow  # every test reads the `study` fixture (on `pruned`) and trains through jobs
+
+
 def _masked_weights_are_zero(run_dir) -> tuple[bool, float]:
     weights = load_file(str(run_dir / "final" / "model.safetensors"))
     masks = load_file(str(run_dir / "final" / "masks.safetensors"))
@@ -95,8 +98,10 @@ def test_distilled_sparse_retrain_resumes_bit_exact_after_sigkill(study, tmp_pat
     got = load_file(str(run_dir / "final" / "model.safetensors"))
     assert [k for k in ref if not torch.equal(ref[k], got[k])] == []
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "kd_loss" in r]
-    assert steps and all(r["loss"] > 0 and r["kd_loss"] >= 0 for r in steps)  # both terms of the loss, every log
+    logged = [r for r in records if "loss" in r]  # training logs (held-out records carry val_loss)
+    assert logged and all("kd_loss" in r for r in logged)  # both terms of the loss, every log
+    # the teacher is the dense parent, not the masked student itself: the distillation term never vanishes
+    assert all(r["kd_loss"] > 0 for r in logged), logged
     assert _masked_weights_are_zero(run_dir)[0]
 
 

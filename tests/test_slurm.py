@@ -25,7 +25,7 @@ if not _cluster_up():
         raise RuntimeError("the local Slurm cluster is not up: run `bash slurm/local-cluster.sh up`")
     pytest.skip("no local Slurm cluster (bash slurm/local-cluster.sh up)", allow_module_level=True)
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # real jobs, minutes each
 SLURM = ["--executor", "slurm", "--profile", "local"]
 
 
@@ -52,8 +52,8 @@ def test_job_array_gives_one_run_per_value(fresh_runs):
     assert {first["job_ids"][0], second["job_ids"][0]} == {f"{array_id}_0", f"{array_id}_1"}
     seeds = {json.loads(json.dumps(m["data"]))["seed"] for m in (first, second)}
     assert seeds == {0, 1}
-    status = prunectl("status", "test-parent", env=env).stdout
-    assert "test-parent@v001" in status and "test-parent@v002" in status
+    rows = json.loads(prunectl("status", "test-parent", "--json", env=env).stdout)
+    assert [(r["run"], r["status"]) for r in rows] == [("test-parent@v001", "complete"), ("test-parent@v002", "complete")]
 
 
 def test_preemption_signal_saves_requeues_and_finishes(fresh_runs):
@@ -146,8 +146,8 @@ def test_lr_sweep_goes_out_as_one_job_array_and_the_winner_is_recorded(study):
     import yaml
 
     assert yaml.safe_load((runs / "test-retrain-swept" / "v001" / "recipe.yaml").read_text())["optimizer"]["lr"] == best
-    status = prunectl("status", "test-retrain-swept", env=env).stdout
-    assert f"{best:g} (by sweep)" in status and "test-retrain-swept-lrsweep@v002" in status
+    rows = {r["run"]: r for r in json.loads(prunectl("status", "test-retrain-swept", "--json", env=env).stdout)}
+    assert rows["test-retrain-swept@v001"]["lr"] == f"{best:g} (by sweep)" and "test-retrain-swept-lrsweep@v002" in rows
 
 
 def test_eval_of_several_runs_goes_out_as_one_slurm_array(pruned, workspace):
@@ -224,8 +224,10 @@ def test_a_study_goes_out_at_once_chained_by_dependencies_and_completes(fresh_ru
     assert manifest(runs, "st-wanda-r")["inputs"]["init"] == "st-wanda@v001"  # pinned, then checked at job start
     assert (runs / "st-compare" / "v001" / "model_sizes.png").exists()
 
-    status = prunectl("status", "st", env=env).stdout
-    assert "eval of st-wanda-s@v001" in status and "13 complete, 3 failed" in status
+    nodes = json.loads(prunectl("status", "st", "--json", env=env).stdout)["nodes"]
+    states = [n["state"].split()[0] for n in nodes]
+    assert (states.count("complete"), states.count("failed")) == (13, 3), nodes
+    assert next(n for n in nodes if n["label"] == "eval of st-wanda-s@v001")["state"] == "complete"
 
     (tmp_path / "study.yaml").write_text(STUDY_FILES["study.yaml"].format().replace(
         "  - {label: depth-90, prune: prune-depth-90.yaml, retrain: [retrain-depth-90.yaml]}\n", ""))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from .conftest import REPO, prunectl, refused
@@ -9,20 +10,25 @@ from .conftest import REPO, prunectl, refused
 
 def test_paper_study_dry_run_prints_the_whole_graph_and_every_batch_script(tmp_path):
     env = {**os.environ, "PRUNECTL_RUNS": str(tmp_path / "runs")}
-    out = prunectl("study", "recipes/paper/study.yaml", "--executor", "slurm", "--dry-run", env=env, timeout=300).stdout
-    lines = out.splitlines()
-    rows = [line.split()[:2] for line in lines if line.startswith(" ") and "@vNNN" in line and "planned" in line]
-    groups = [group for group, _ in rows]
+    args = ("study", "recipes/paper/study.yaml", "--executor", "slurm", "--dry-run")
+    plan = json.loads(prunectl(*args, "--json", env=env, timeout=300).stdout)
+    groups = [n["group"] for n in plan["nodes"] if n["state"] == "planned"]
+    assert len(groups) == len(plan["nodes"])  # nothing exists yet: every node is planned
     # parent; 8 methods at 50% + the 6 ratio-ablation prunes; 8 x (5 R_N + 5 S_N + S_total) + 6 x (R50 + S50)
     assert groups.count("parent") == 1 and groups.count("prune") == 14
     assert groups.count("retrain") == 8 * 5 + 6 and groups.count("scratch") == 8 * 6 + 6
     assert groups.count("sweep") == 5 * (groups.count("retrain") + groups.count("scratch"))  # one prefix run per peak LR
     assert groups.count("eval") == 1 + groups.count("retrain") + groups.count("scratch") and groups.count("compare") == 1
-    scripts = out.count("#!/bin/bash")
-    assert scripts >= 7  # one per job array (sheared-llama's prune needs its own resources)
-    assert "#SBATCH --dependency='afterany:<job ids of parent/paper-parent>'" in out
-    assert "#SBATCH --gpus-per-node=8" in out and "prunectl data prepare recipes/paper/data.yaml" in out
-    assert "paper-wanda-50-r50b@vNNN  recipes/paper/retrain/wanda-50-r50b.yaml init=paper-wanda-50@vNNN" in out
+    scripts = [a["batch_script"] for a in plan["arrays"]]
+    assert len(scripts) >= 7 and all(s.startswith("#!/bin/bash") for s in scripts)  # sheared-llama's prune: its own
+    assert sorted(k for a in plan["arrays"] for k in a["nodes"]) == sorted(n["key"] for n in plan["nodes"])
+    assert any("#SBATCH --dependency='afterany:<job ids of parent/paper-parent>'" in s for s in scripts)
+    assert all("#SBATCH --gpus-per-node=8" in s for s, a in zip(scripts, plan["arrays"]) if a["title"].startswith("parent"))
+    assert plan["data"][0]["recipe"] == "recipes/paper/data.yaml"
+    node = next(n for n in plan["nodes"] if n["ref"] == "paper-wanda-50-r50b@vNNN")
+    assert node["source"] == "recipes/paper/retrain/wanda-50-r50b.yaml" and "init=paper-wanda-50@vNNN" in node["overrides"]
+    out = prunectl(*args, env=env, timeout=300).stdout  # the same plan for a person: the graph and every script
+    assert out.count("#!/bin/bash") == len(scripts) and "prunectl data prepare recipes/paper/data.yaml" in out
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 
@@ -48,8 +54,10 @@ def test_study_mistakes_are_one_line_each_before_anything_is_written(tmp_path):
 
 def test_tiny_studies_plan_on_a_fresh_runs_root(tmp_path):
     env = {**os.environ, "PRUNECTL_RUNS": str(tmp_path / "runs")}
-    demo = prunectl("study", "recipes/tiny/demo.yaml", "--dry-run", env=env).stdout
-    assert demo.count("planned") == 1 + 5 * 3 + 11 + 1  # parent; prune, retrain, twin per method; 11 evals; compare
-    assert "demo-wanda-50-scratch@vNNN  recipes/tiny/demo/scratch-wanda-50.yaml like=demo-wanda-50@vNNN" in demo
+    demo = json.loads(prunectl("study", "recipes/tiny/demo.yaml", "--dry-run", "--json", env=env).stdout)["nodes"]
+    assert [n["state"] for n in demo] == ["planned"] * (1 + 5 * 3 + 11 + 1)  # parent; 3 per method; 11 evals; compare
+    twin = next(n for n in demo if n["ref"] == "demo-wanda-50-scratch@vNNN")
+    assert twin["source"] == "recipes/tiny/demo/scratch-wanda-50.yaml" and "like=demo-wanda-50@vNNN" in twin["overrides"]
+    assert twin["deps"] == ["prune/demo-wanda-50"]
     full = prunectl("study", "recipes/tiny/study.yaml", "--dry-run", "--executor", "slurm", env=env).stdout
     assert "tiny-minitron-depth-50-scratch-total@vNNN" in full and "#SBATCH --dependency=" in full
