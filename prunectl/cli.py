@@ -64,15 +64,19 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")
 
 
 @recipes_app.command("ls")
-def recipes_ls() -> None:
+def recipes_ls(as_json: Json = False) -> None:
     """Every shipped recipe with its stage and description."""
     rows = []
     for path in recipes.list_recipe_files():
         try:
             r = recipes.resolve(str(path))
-            rows.append((r.name, r.stage, str(path), r.description))
+            rows.append({"name": r.name, "stage": r.stage, "file": str(path), "description": r.description})
         except PrunectlError as err:
-            rows.append((recipes.default_name(path), "[red]invalid", str(path), err.problems[0]))
+            rows.append({"name": recipes.default_name(path), "stage": "invalid", "file": str(path),
+                         "description": err.problems[0]})
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
     render.recipes_table(rows)
 
 

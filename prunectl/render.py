@@ -224,10 +224,11 @@ def comparison(c: Comparison) -> None:
 # ---------------------------------------------------------------------------- status and study graphs
 
 
-def recipes_table(rows: list[tuple[str, str, str, str]]) -> None:
+def recipes_table(rows: list[dict[str, str]]) -> None:
     table = Table("name", "stage", "file", "description", box=None)
-    for row in rows:
-        table.add_row(*row)
+    for r in rows:
+        stage = "[red]invalid" if r["stage"] == "invalid" else r["stage"]
+        table.add_row(r["name"], stage, r["file"], r["description"])
     console.print(table)
 
 

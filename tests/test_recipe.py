@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -87,8 +88,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, expected):
 
 def test_recipes_ls_and_show(tmp_path):
     env = {**os.environ, "PRUNECTL_RECIPES": str(REPO / "recipes")}
-    listing = prunectl("recipes", "ls", env=env).stdout
-    for name in ("tiny-data", "tiny-parent", "paper-parent"):
-        assert name in listing
+    listing = {r["name"]: r for r in json.loads(prunectl("recipes", "ls", "--json", env=env).stdout)}
+    assert (listing["tiny-parent"]["stage"], listing["tiny-parent"]["file"]) == ("pretrain", str(REPO / "recipes/tiny/parent.yaml"))
+    assert listing["tiny-data"]["stage"] == "data" and listing["paper-parent"]["stage"] == "pretrain"
+    assert "invalid" not in {r["stage"] for r in listing.values()}  # every shipped recipe resolves
+    assert "tiny-parent" in prunectl("recipes", "ls", env=env).stdout  # the same listing, as a table
     shown = prunectl("recipes", "show", "tiny-parent", "--resolved", "train.tokens=777216", env=env).stdout
     assert "tokens: 777216" in shown and "layers: 12" in shown and "extends" not in shown

@@ -35,12 +35,6 @@ def complete_methods(root: Path, methods: list[dict[str, Any]], eval_cfg: EvalCo
     return kept, left_out
 
 
-def newest_submission(root: Path, study: StudyRecipe) -> tuple[store.Run, StudyGraph] | None:
-    """The newest submitted version of a study and its graph."""
-    submitted = [run for run in store.versions(root, study.name) if (run.dir / StudyGraph.FILE).exists()]
-    return (submitted[-1], StudyGraph.read(submitted[-1].dir)) if submitted else None
-
-
 def of_study(root: Path, study: StudyRecipe, graph: StudyGraph) -> tuple[CompareRecipe, list[str]]:
     """The compare recipe of a study's submission: its complete methods; the left-out ones with a reason."""
     from ..recipe import CompareRecipe
