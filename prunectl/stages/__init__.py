@@ -42,7 +42,6 @@ STAGES: dict[str, Stage] = {
     "compare": Stage(CompareRecipe, None, None),
     "study": Stage(StudyRecipe, None, None),
 }
-SUBMITTED = ("pretrain", "retrain", "prune")  # stages whose runs are jobs on their own run directory
 
 
 @dataclass
@@ -60,4 +59,4 @@ def job(stage: str, run_dir: Path) -> RunJob:
     return RunJob(STAGES[stage].run, str(run_dir))
 
 
-__all__ = ["STAGES", "SUBMITTED", "Stage", "RunJob", "job", "compare", "data", "eval_", "prune", "train"]
+__all__ = ["STAGES", "Stage", "RunJob", "job", "compare", "data", "eval_", "prune", "train"]
