@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ from . import launch, render, store, submission
 from . import status as views
 from . import recipe as recipes
 from . import study as studies
-from .errors import PrunectlError
+from .errors import PrunectlError, RunFailed
 from .render import console, err_console
 from .stages import compare as compare_stage
 from .stages import data as data_stage
@@ -87,7 +89,7 @@ def recipes_show(
     resolved: Annotated[bool, typer.Option("--resolved", help="after extends, overrides and defaults")] = False,
 ) -> None:
     """Print a recipe file as written, or --resolved."""
-    text = recipes.dump(recipes.resolve(recipe, overrides or [])) if resolved else recipes.find_recipe(recipe).read_text()
+    text = recipes.dump(recipes.resolve(recipe, overrides or [])) if resolved else recipes.read(recipes.find_recipe(recipe))
     console.print(text, end="", markup=False, highlight=False)
 
 
@@ -108,6 +110,7 @@ def data_prepare(
     if done and not force:
         console.print(f"{done.ref} already holds this exact recipe ({done.dir}); --force prepares it again")
         return
+    data_stage.check(r)  # sources readable and parseable: refused before a bar or a directory appears
     with render.progress_bar() as progress:
         run, meta = data_stage.run(root, r, progress)
     render.data_prepared(run, meta)
@@ -163,13 +166,51 @@ def _run_stage(stage: str, recipe: str, overrides, executor: str, profile, runs_
         losses = ", ".join(f"{lr}: {loss:.4f}" for lr, loss in plan.choice.final_train_loss.items())
         render.line(f"peak LR {plan.choice.chosen_lr:g}, the lowest training loss of {plan.recipes[0].name}'s sweep ({losses})")
     if executor != "slurm" or wait:
-        failed = [run for run, job in submitted if not render.follow(run, job)]
+        with _stops_forwarded(executor, [job for _, job in submitted]):
+            failed = []
+            for run, job in submitted:
+                render.follow(run, job)
+                submission.settle(run, job)
+                if not render.outcome(run):
+                    failed.append(run)
+        _reraise_debug(executor, [job for _, job in submitted])
         if sweep and not failed:
             from .stages.train import choose_lr
 
             render.sweep(choose_lr(root, recipe, plan.base, recipes.resolve(recipe, plan.base)))
         if failed:
             raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _stops_forwarded(executor: str, jobs: list):
+    """While the CLI follows local jobs, SIGINT/SIGTERM/SIGUSR2 ask their ranks to stop cleanly (a training
+    rank checkpoints and leaves resumably) instead of killing the CLI and orphaning them."""
+    if executor != "local":
+        yield
+        return
+
+    def forward(signum, frame) -> None:
+        if launch.stop_local(jobs):
+            render.warn(f"[yellow]{signal.Signals(signum).name}[/]: stopping the job's ranks (a training run saves "
+                        "a checkpoint first); the same command resumes it")
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+    previous = {sig: signal.signal(sig, forward) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _reraise_debug(executor: str, jobs: list) -> None:
+    """--executor debug with --debug: the job's own exception and traceback, here (never pdb)."""
+    if executor == "debug" and os.environ.get("PRUNECTL_DEBUG") == "1":
+        for job in jobs:
+            result = getattr(job._submission, "_result", None)
+            if isinstance(result, launch.Raised):
+                raise result.error
 
 
 # ---------------------------------------------------------------------------- eval
@@ -198,7 +239,7 @@ def eval_(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
     targets, checked = [], set()
     for each in resolved:
         suite = json.dumps(each.eval.zero_shot.model_dump(), sort_keys=True)
-        targets.append((each, *eval_stage.check(root, each, tasks=suite not in checked)))
+        targets.append((each, *eval_stage.check(root, each, tasks=suite not in checked, includes=not dry_run)))
         checked.add(suite)
     res = launch.resources(resolved[0].launch, profile)
     todo = []
@@ -227,15 +268,16 @@ def eval_(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
         render.line(f"submitted eval of {run.ref} as job {job.job_id} ({executor}); logs in {folder}")
     if executor != "slurm" or wait:
         failed = False
-        for (each, run, path), job in zip(todo, jobs):
-            while not render.job_over(job):
-                time.sleep(1)
-            if path.exists():
-                render.eval_results(EvalResults.read(path), path)
-            else:
-                failed = True
-                logs = sorted(Path(folder).rglob("*_log.err"))
-                render.warn(f"[red]eval of {run.ref} did not complete[/]" + (f"; log: {logs[-1]}" if logs else ""))
+        with _stops_forwarded(executor, jobs):
+            for (each, run, path), job in zip(todo, jobs):
+                while not render.job_over(job):
+                    time.sleep(1)
+                if path.exists():
+                    render.eval_results(EvalResults.read(path), path)
+                else:
+                    failed = True
+                    render.warn(f"error: eval of {run.ref} failed: {launch.last_words(job)}", markup=False)
+        _reraise_debug(executor, jobs)
         if failed:
             raise typer.Exit(1)
 
@@ -278,19 +320,24 @@ def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
     r = submission.resolve_as("study", recipe, overrides or [])
     study_file = recipes.find_recipe(recipe)
     root = store.runs_root(runs_dir)
-    data_refs = []
+    data_paths, data_refs = [], []
     for entry in r.data:
         data_path = studies.recipe_path(study_file, entry)
         data_recipe = recipes.resolve(data_path)
         if data_recipe.stage != "data":
             raise PrunectlError(f"data: {entry} is a {data_recipe.stage} recipe; a study's data entries are data recipes")
         done = data_stage.prepared(root, data_recipe)
-        if done is None and not dry_run:
-            data_prepare(data_path, runs_dir=runs_dir)
-            done = data_stage.prepared(root, data_recipe)
+        data_paths.append((data_path, data_recipe, done))
         data_refs.append(done.ref if done else f"{data_recipe.name}@vNNN")
     planned = studies.Planner(root, study_file, r, data_refs, True, executor)
-    planned.build()
+    planned.build()  # every stage recipe of the study resolved before anything is prepared or written
+    if not dry_run and any(done is None for _, _, done in data_paths):
+        for i, (data_path, data_recipe, done) in enumerate(data_paths):
+            if done is None:
+                data_prepare(data_path, runs_dir=runs_dir)
+                data_refs[i] = data_stage.prepared(root, data_recipe).ref
+        planned = studies.Planner(root, study_file, r, data_refs, True, executor)
+        planned.build()
     if dry_run:
         data_steps = [{"recipe": studies.recipe_path(study_file, entry), "run": ref} for entry, ref in zip(r.data, data_refs)]
         groups = list(studies.dry_run_groups(root, r, planned, executor, profile))
@@ -317,8 +364,11 @@ def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
     if reused or results:
         render.line(f"reusing {len(reused)} complete run(s) of these exact recipes and {len(results)} stored eval "
                     "result(s): " + ", ".join(n.ref for n in reused))
-    study_run = studies.submit(planner, executor, profile, render.line,
-                               lambda pairs: render.follow_many(root, pairs, studies.node_state))
+    def follow(pairs) -> None:
+        with _stops_forwarded(executor, [job for _, job in pairs]):
+            render.follow_many(root, pairs, studies.node_state)
+
+    study_run = studies.submit(planner, executor, profile, render.line, follow)
     render.line(f"study {study_run.ref}: graph in {study_run.dir / 'graph.json'}; `prunectl status {r.name}` follows it")
     if executor == "slurm" and wait:
         compare_node, last = planner.nodes[-1], ""
@@ -332,7 +382,7 @@ def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
         render.graph(views.graph_rows(root, planner.nodes, live=True))
         compare_run = store.Run.of(root, planner.nodes[-1].ref)
         if not compare_run.is_complete():
-            render.warn(f"[red]the study's compare did not complete[/]: {compare_run.manifest().note}")
+            render.warn(f"error: {compare_run.ref} (the study's compare) failed: {compare_run.manifest().note}", markup=False)
             raise typer.Exit(1)
         from . import compare as cmp
 
@@ -357,6 +407,7 @@ def status(
     name = None
     if recipe is not None:
         name = recipes.resolve(recipe).name if recipe.endswith((".yaml", ".yml")) or "/" in recipe else recipe
+        store.check_name(name, "status")
         found = studies.newest_graph(root, name)
         if found is not None:
             study_run, graph = found
@@ -385,23 +436,59 @@ def status(
         render.warn(f"[yellow]job states of running Slurm jobs are unknown[/]: {unreachable}")
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGUSR2 to the CLI while it works here: a run it writes is marked failed on the way out."""
+
+
+def _stopped(signum, frame) -> None:
+    raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+
+try:  # typer >= 0.2x raises its own copies of click's exceptions
+    from typer._click.exceptions import ClickException as _TyperClickException
+except ImportError:  # pragma: no cover
+    _TyperClickException = click.ClickException
+_USAGE_ERRORS = (click.ClickException, _TyperClickException)
+
+
 def main() -> None:
+    """Exit codes a Makefile can trust: 0 every run completed (or was submitted, for Slurm without --wait);
+    1 a run or job failed, or the system did (disk full, ...); 2 a user error (nothing was written);
+    130 interrupted before anything was submitted. Each failure is one `error:` line; --debug shows tracebacks."""
     # Clusters without accounting (like slurm/local-cluster.sh) make submitit warn on every sacct poll;
     # prunectl reads job state from squeue and the run's manifest instead. (submitit reads this at import.)
     os.environ.setdefault("SUBMITIT_LOG_LEVEL", "ERROR")
+    debug = "--debug" in sys.argv[1:2] or os.environ.get("PRUNECTL_DEBUG") == "1"
+    for sig in (signal.SIGTERM, signal.SIGUSR2):  # work done here (data prepare, compare) stops as a failure
+        signal.signal(sig, _stopped)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="prunectl")
     except PrunectlError as err:
-        if os.environ.get("PRUNECTL_DEBUG") == "1":
+        if debug:
             raise
         for problem in err.problems:
-            err_console.print(f"error: {problem}", markup=False)
+            err_console.print(f"error: {problem}", markup=False, highlight=False)
         sys.exit(2)
-    except typer.Exit as exit_:
-        sys.exit(exit_.exit_code)
+    except RunFailed as err:
+        if debug:
+            raise
+        err_console.print(f"error: {err}", markup=False, highlight=False)
+        sys.exit(1)
+    except _USAGE_ERRORS as err:
+        where = getattr(getattr(err, "ctx", None), "command_path", None) or "prunectl"
+        message = " ".join(err.format_message().split())
+        err_console.print(f"error: {where}: {message} (see `{where} --help`)", markup=False, highlight=False)
+        sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")
         sys.exit(130)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
+    except Stopped as err:
+        err_console.print(f"error: {err}", markup=False, highlight=False)
+        sys.exit(1)
+    except Exception as err:  # the system's fault, not the user's: one line, exit 1
+        if debug:
+            raise
+        text = f"{type(err).__name__}: {err}".splitlines()[0][:400]
+        err_console.print(f"error: {text} (--debug shows the traceback)", markup=False, highlight=False)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .errors import PrunectlError
 from .evaluate.choice_task import ChoiceTaskConfig
@@ -77,13 +77,23 @@ class DataConfig(Strict):
         description="range name -> share of the text, dealt in this order after the document shuffle",
     )
     doc_chars: int = Field(20_000, ge=100, description="long texts are cut into documents of about this size")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     shard_tokens: int = Field(1 << 24, ge=1024)
     choice_task: ChoiceTaskConfig | None = Field(
         ChoiceTaskConfig(), description="a local multiple-choice task built from held-out text (tasks/continuation.jsonl)")
     role: Literal["corpus", "calibration"] = Field(
         "corpus", description="calibration: a set apart from the corpus (WikiText-103, C4 in the paper), tokenized "
                               "with the parent's HF tokenizer; it needs only a calibration range")
+
+    @field_validator("ranges")
+    @classmethod
+    def _shares(cls, ranges: dict[str, float]) -> dict[str, float]:  # a field validator: the error names data.ranges
+        bad = [f"{k}={v}" for k, v in ranges.items() if not 0 < v <= 1]
+        if bad:
+            raise ValueError(f"range shares must be in (0, 1]: {', '.join(bad)}")
+        if sum(ranges.values()) > 1 + 1e-9:
+            raise ValueError(f"range shares add up to {sum(ranges.values()):.4g} > 1")
+        return ranges
 
     @model_validator(mode="after")
     def _ranges(self) -> DataConfig:
@@ -93,11 +103,6 @@ class DataConfig(Strict):
             raise ValueError(f"ranges must include {', '.join(missing)}")
         if self.role == "calibration" and self.tokenizer.kind != "hf":
             raise ValueError("a calibration set must use the parent's tokenizer: tokenizer.kind hf with its path")
-        bad = [f"{k}={v}" for k, v in self.ranges.items() if not 0 < v <= 1]
-        if bad:
-            raise ValueError(f"range shares must be in (0, 1]: {', '.join(bad)}")
-        if sum(self.ranges.values()) > 1 + 1e-9:
-            raise ValueError(f"range shares add up to {sum(self.ranges.values()):.4g} > 1")
         return self
 
 
@@ -156,13 +161,28 @@ def _grouped(records: Iterator[dict[str, Any]], field: str, group_by: list[str])
         yield "\n".join(lines)
 
 
+def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a jsonl file; a line that is not a JSON object is one line naming file and line."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)  # bytes: UTF-8/16/32 detected, a bad encoding is a ValueError too
+            except ValueError as err:
+                detail = f"{err.msg} at column {err.colno}" if isinstance(err, json.JSONDecodeError) else str(err)
+                raise PrunectlError(f"data.sources: {path} line {number}: not valid JSON ({detail}); "
+                                    "a jsonl source holds one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise PrunectlError(f"data.sources: {path} line {number}: a JSON {type(record).__name__}, not an object; "
+                                    "a jsonl source holds one JSON object per line")
+            yield number, record
+
+
 def _records(source: SourceConfig) -> Iterator[dict[str, Any]]:
     if source.kind == "jsonl":
         for path in _files(source):
-            with open(path) as handle:
-                for line in handle:
-                    if line.strip():
-                        yield json.loads(line)
+            yield from (record for _, record in _jsonl(path))
     elif source.kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -190,6 +210,50 @@ def _hf_dataset(source: SourceConfig) -> Iterator[dict[str, Any]]:
         )
         raise PrunectlError(f"data.sources: cannot load dataset '{source.dataset}' ({type(err).__name__}): {hint}") from None
     yield from ds
+
+
+def check_sources(config: DataConfig, records: int = 8) -> None:
+    """Every problem the start of each source file shows (unreadable, malformed, no text field), before anything
+    is written. hf sources are checked by loading them, which `prepare` does."""
+    problems: list[str] = []
+    for source in config.sources:
+        if source.kind == "hf":
+            continue
+        try:
+            for path in _files(source):
+                _check_file(source, path, records)
+        except PrunectlError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise PrunectlError(*problems)
+
+
+def _check_file(source: SourceConfig, path: Path, records: int) -> None:
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as err:
+        raise PrunectlError(f"data.sources: cannot read {path}: {err.strerror or err}") from None
+    if source.kind == "jsonl":
+        for _, (number, record) in zip(range(records), _jsonl(path)):
+            if source.field not in record:
+                raise PrunectlError(f"data.sources: {path} line {number}: record has no field '{source.field}' "
+                                    f"(fields: {', '.join(record) or 'none'}); set the source's `field`")
+    elif source.kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+            columns = parquet.schema_arrow.names
+            if source.field in columns and parquet.num_row_groups:
+                parquet.read_row_group(0, columns=[source.field])
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise PrunectlError(f"data.sources: {path}: not a readable parquet file "
+                                f"({(str(err).splitlines() or [type(err).__name__])[0]})") from None
+        if source.field not in columns:
+            raise PrunectlError(f"data.sources: {path}: no column '{source.field}' (columns: {', '.join(columns)}); "
+                                "set the source's `field`")
 
 
 def read_documents(config: DataConfig) -> list[str]:
@@ -369,28 +433,54 @@ class TokenStream:
         return out
 
 
-def prepare(config: DataConfig, out: Path, progress=None) -> DataMeta:
-    """Write tokenizer/, tokens/*.bin and data.json into `out`; returns the metadata."""
+@dataclass
+class Plan:
+    """What `prepare` writes, decided in memory: every user error is found before a file is written."""
+
+    docs: int
+    dealt: dict[str, list[str]]
+    tokenizer: Any
+    choice_items: list[dict] | None
+
+
+def plan(config: DataConfig) -> Plan:
     docs = read_documents(config)
     dealt = deal_ranges(docs, config.ranges, config.seed)
     tokenizer = build_tokenizer(config.tokenizer, dealt.get("pretrain", []))
+    items = None
+    if config.choice_task is not None and config.choice_task.range in dealt:
+        from .evaluate import choice_task
+
+        try:
+            items = choice_task.build(dealt[config.choice_task.range], config.choice_task)
+        except ValueError as err:
+            raise PrunectlError(f"data.choice_task: {err}") from None
+    return Plan(len(docs), dealt, tokenizer, items)
+
+
+def prepare(config: DataConfig, out: Path, progress=None, planned: Plan | None = None) -> DataMeta:
+    """Write tokenizer/, tokens/*.bin and data.json into `out` (from `planned`, else planned here)."""
+    planned = planned or plan(config)
+    dealt, tokenizer = planned.dealt, planned.tokenizer
     tokenizer.save_pretrained(out / "tokenizer")
     vocab = len(tokenizer)
     dtype = np.dtype(np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32)
     writer = ShardWriter(out / "tokens", dtype, config.shard_tokens)
     ranges: dict[str, dict[str, int]] = {}
     counts = np.zeros(vocab, dtype=np.int64)
-    task = progress.add_task("tokenizing", total=len(docs)) if progress else None
-    for name, range_docs in dealt.items():
-        start = writer.total
-        for ids in encode(tokenizer, range_docs):
-            writer.write(ids)
-            if name == ("pretrain" if "pretrain" in dealt else "calibration"):
-                counts += np.bincount(ids, minlength=vocab)
-            if progress:
-                progress.advance(task)
-        ranges[name] = {"start": start, "end": writer.total, "docs": len(range_docs), "chars": sum(map(len, range_docs))}
-    writer.close()
+    task = progress.add_task("tokenizing", total=planned.docs) if progress else None
+    try:
+        for name, range_docs in dealt.items():
+            start = writer.total
+            for ids in encode(tokenizer, range_docs):
+                writer.write(ids)
+                if name == ("pretrain" if "pretrain" in dealt else "calibration"):
+                    counts += np.bincount(ids, minlength=vocab)
+                if progress:
+                    progress.advance(task)
+            ranges[name] = {"start": start, "end": writer.total, "docs": len(range_docs), "chars": sum(map(len, range_docs))}
+    finally:
+        writer.close()  # a failed write (disk full) must not leave the shard open while the run is cleaned up
     p = counts[counts > 0] / counts.sum()
     entropy = float(-(p * np.log(p)).sum())
     meta = {
@@ -406,20 +496,17 @@ def prepare(config: DataConfig, out: Path, progress=None) -> DataMeta:
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
-        "documents": len(docs),
+        "documents": planned.docs,
         # The loss a model that knows only token frequencies reaches: the bar to clear.
         "unigram_entropy_nats": entropy,
         "seed": config.seed,
     }
-    if config.choice_task is not None and config.choice_task.range in dealt:
+    if planned.choice_items is not None:
         from .evaluate import choice_task
 
-        try:
-            items = choice_task.build(dealt[config.choice_task.range], config.choice_task)
-        except ValueError as err:
-            raise PrunectlError(f"data.choice_task: {err}") from None
-        choice_task.write(items, out / "tasks" / "continuation.jsonl")
-        meta["choice_task"] = {"file": "tasks/continuation.jsonl", "items": len(items), **config.choice_task.model_dump()}
+        choice_task.write(planned.choice_items, out / "tasks" / "continuation.jsonl")
+        meta["choice_task"] = {"file": "tasks/continuation.jsonl", "items": len(planned.choice_items),
+                               **config.choice_task.model_dump()}
     from .artifacts import DataMeta
 
     typed = DataMeta.model_validate(meta)

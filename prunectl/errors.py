@@ -5,3 +5,11 @@ class PrunectlError(Exception):
     def __init__(self, *problems: str) -> None:
         super().__init__("\n".join(problems))
         self.problems = list(problems)
+
+
+class RunFailed(Exception):
+    """A run that did not complete: the CLI prints `error: <ref> failed: <reason>` (and its log) and exits 1."""
+
+    def __init__(self, ref: str, reason: str, log: str | None = None) -> None:
+        super().__init__(f"{ref} failed: {reason}" + (f" (log: {log})" if log else ""))
+        self.ref, self.reason, self.log = ref, reason, log

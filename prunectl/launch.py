@@ -7,7 +7,9 @@ The launcher runs callables and knows no stage: what a job does is the callable 
 from __future__ import annotations
 
 import os
+import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -92,15 +94,28 @@ def resources(config: LaunchConfig, profile: str | None = None) -> Resources:
 
 
 @dataclass
+class Raised:
+    """A debug job's exception, returned instead of raised: submitit's debug executor would open pdb."""
+
+    error: BaseException
+
+
+@dataclass
 class Threaded:
     """What submitit pickles and runs on every rank: a callable, with the job's CPU threads exported first."""
 
     fn: Callable[[], Any]
     threads: int
+    in_process: bool = False  # the debug executor: hand an exception back, never to pdb
 
     def __call__(self) -> Any:
         os.environ.setdefault("PRUNECTL_THREADS", str(self.threads))
-        return self.fn()
+        if not self.in_process:
+            return self.fn()
+        try:
+            return self.fn()
+        except Exception as err:
+            return Raised(err)
 
 
 def make_executor(kind: Executor, folder: Path, res: Resources, name: str, dependency: str | None = None):
@@ -152,16 +167,18 @@ def submit(kind: Executor, res: Resources, name: str, calls: list[Callable[[], A
     """One job per callable; several go out as one job array sharing `folder`. For an array, each run
     directory in `link_logs` gets logs/array pointing at the array's folder."""
     _SQUEUE["at"] = -1.0  # a listing taken before these jobs existed would call them gone
-    jobs_of = [Threaded(call, res.cpus_per_task) for call in calls]
+    jobs_of = [Threaded(call, res.cpus_per_task, kind == "debug") for call in calls]
     ex = make_executor(kind, folder, res, name, dependency)
     if len(jobs_of) == 1:
-        return [ex.submit(jobs_of[0])]
+        with _sigint_ignored(kind == "local"):
+            return [ex.submit(jobs_of[0])]
     if kind == "local":
         # No scheduler here: run as many at once as the cores hold, so threads never oversubscribe them.
         at_once = max(1, (os.cpu_count() or 1) // (res.cpus_per_task * res.tasks_per_node))
         jobs = []
         for i in range(0, len(jobs_of), at_once):
-            wave = [ex.submit(job) for job in jobs_of[i : i + at_once]]
+            with _sigint_ignored(True):
+                wave = [ex.submit(job) for job in jobs_of[i : i + at_once]]
             for job in wave:
                 job.wait()
             jobs += wave
@@ -175,6 +192,53 @@ def submit(kind: Executor, res: Resources, name: str, calls: list[Callable[[], A
             link.unlink()
         link.symlink_to(folder.resolve(), target_is_directory=True)
     return jobs
+
+
+class _sigint_ignored:
+    """Local jobs start with SIGINT ignored (inherited through exec): a Ctrl-C at the terminal reaches the
+    whole process group, and submitit's local controller would kill the ranks within a second. The
+    CLI catches it instead and asks the ranks to stop cleanly (`stop_local`)."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def stop_local(jobs: list) -> int:
+    """Ask local jobs to stop: SIGTERM to submitit's controller, which passes it to every rank; a training
+    rank saves a checkpoint and leaves resumably. Returns how many jobs were still running."""
+    alive = 0
+    for job in jobs:
+        process = getattr(job, "_process", None)
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            alive += 1
+    return alive
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failed|Owned)\b.*")
+
+
+def last_words(job) -> str:
+    """Why a job ended, in one line: a debug job's exception, else the last exception line of rank 0's
+    stderr log, with the log's path."""
+    result = getattr(getattr(job, "_submission", None), "_result", None)
+    if isinstance(result, Raised):
+        return f"{type(result.error).__name__}: {result.error}".splitlines()[0]
+    try:
+        path = job.paths.stderr
+        lines = path.read_text(errors="replace").splitlines()
+    except (AttributeError, OSError):
+        return "no log was written"
+    found = [line.strip() for line in lines if _EXCEPTION_LINE.match(line.strip())]
+    return (found[-1][:300] + "; " if found else "no error in its log (killed?); ") + f"log: {path}"
 
 
 def batch_script(folder: Path, res: Resources, name: str, dependency: str | None = None) -> str:
@@ -237,7 +301,11 @@ def job_alive(manifest) -> bool:
     """A run's job still queued or running: Slurm's word for Slurm jobs, the process table for local ones."""
     if manifest.executor == "slurm" and manifest.job_ids:
         return slurm_state(manifest.job_ids[-1]) is not None
-    return manifest.status in ("running", "pending") and pid_alive(manifest.pid, manifest.host)
+    if manifest.status not in ("running", "pending"):
+        return False
+    # a local job's id is the pid of submitit's controller, alive from submission to the job's end
+    local = [int(j) for j in manifest.job_ids[-1:] if manifest.executor == "local" and j.isdigit()]
+    return any(pid_alive(pid, manifest.host) for pid in [*local, manifest.pid])
 
 
 def job_over(job, on_unknown: Callable[[str], None] = lambda why: None) -> bool:

@@ -96,19 +96,41 @@ def save(model: LlamaForCausalLM, state_dict: dict[str, Any] | None, tokenizer, 
 
 def locate(root: Path, ref: str) -> tuple[Path, str]:
     """A model to read, and how a manifest records it: a complete run's final/ (name@vNNN), or a local
-    Hugging Face directory (its absolute path), as for the paper's variant pruned from Meta's checkpoint."""
+    Hugging Face directory given by explicit path (containing '/', or starting with '.' or '~'; recorded as
+    its absolute path), as for the paper's variant pruned from Meta's checkpoint."""
     from . import store
     from .errors import PrunectlError
 
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise PrunectlError(f"{path} is a directory without config.json; give a Hugging Face model directory")
+    if "/" in ref or ref.startswith((".", "~")):
+        path = Path(ref).expanduser()
+        check_hf_dir(path)
         return path, str(path.resolve())
     run = store.resolve(root, ref)
     if not (run.final / "config.json").exists():
         raise PrunectlError(f"{run.ref} has no final model (an LR sweep's prefix run keeps none)")
     return run.final, run.ref
+
+
+def check_hf_dir(path: Path) -> None:
+    """A Hugging Face Llama directory prunectl can load: a readable config, weights, a tokenizer."""
+    from .errors import PrunectlError
+
+    if not path.is_dir():
+        raise PrunectlError(f"{path}: no such model directory; give a Hugging Face model directory or a run name@vNNN")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise PrunectlError(f"{path}: has no config.json; give a Hugging Face model directory") from None
+    except (OSError, ValueError) as err:
+        raise PrunectlError(f"{path / 'config.json'}: is not readable JSON ({type(err).__name__}); "
+                            "re-download or re-save the model") from None
+    if not isinstance(config, dict) or config.get("model_type") != "llama":
+        kind = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise PrunectlError(f"{path / 'config.json'}: model_type is {kind!r}; prunectl prunes Llama models (model_type: llama)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise PrunectlError(f"{path}: has no weights (*.safetensors); save the model with save_pretrained")
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise PrunectlError(f"{path}: has no tokenizer (tokenizer.json); save it beside the model with save_pretrained")
 
 
 def forward_flops(model_dir: Path, seq_len: int = 2048, linear_density: float = 1.0) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from . import store
 from .compare import CompareConfig
@@ -29,10 +29,35 @@ from .train import OptimizerConfig, TrainConfig
 RECIPES_ENV = "PRUNECTL_RECIPES"
 
 
+def _run_name(value: str) -> str:
+    if not store.NAME.match(value):
+        raise ValueError(f"{value!r} is not a run name; a run name is {store.NAME_RULE}")
+    return value
+
+
+def _reference(value: str) -> str:
+    try:
+        store.parse_ref(value.removesuffix("@vNNN"))  # @vNNN: a version a study's dry run has yet to allocate
+    except PrunectlError as err:
+        raise ValueError(err.problems[0]) from None
+    return value
+
+
+RunName = Annotated[str, AfterValidator(_run_name), Field(description=f"the run directory's name: {store.NAME_RULE}")]
+RunRef = Annotated[str, AfterValidator(_reference)]
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 numbers: `2e6` and `3e-4` are floats (PyYAML's 1.1 rules read them as strings)."""
+    """YAML 1.2 numbers: `2e6` and `3e-4` are floats (PyYAML's 1.1 rules read them as strings), and `2:4` is
+    the string an N:M pattern is (YAML 1.1 reads it as the base-60 integer 124)."""
 
 
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9][0-9_]*$|^0x[0-9a-fA-F_]+$|^0o[0-7_]+$"), list("-+0123456789"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
@@ -47,7 +72,7 @@ def _yaml(text: str):
 class DataRecipe(Strict):
     """`prunectl data prepare`: corpora -> tokenizer -> token shards and named disjoint ranges."""
 
-    name: str
+    name: RunName
     stage: Literal["data"]
     description: str = ""
     data: DataConfig
@@ -61,12 +86,12 @@ class PretrainRecipe(Strict):
     on data the parent never saw; `twin: total` is S_total, on the parent's ranges plus the retrain ones.
     """
 
-    name: str
+    name: RunName
     stage: Literal["pretrain"]
     description: str = ""
-    data: str = Field(description="prepared data run, as name, name@latest or name@vNNN")
+    data: RunRef = Field(description="prepared data run, as name, name@latest or name@vNNN")
     model: ModelConfig | None = Field(None, description="the architecture; omit it when `like` names a prune run")
-    like: str | None = Field(None, description="prune run name@version whose architecture (and sparse mask) to train from scratch")
+    like: RunRef | None = Field(None, description="prune run name@version whose architecture (and sparse mask) to train from scratch")
     twin: Literal["N", "total"] = Field("N", description="with like: S_N (unseen data only) or S_total (parent's data too)")
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig
@@ -87,11 +112,11 @@ class PretrainRecipe(Strict):
 class RetrainRecipe(Strict):
     """`prunectl retrain`: continue training a pruned (or any complete) run on a named data range (R_N in P-R_N)."""
 
-    name: str
+    name: RunName
     stage: Literal["retrain"]
     description: str = ""
-    init: str = Field(description="run to initialise from, name@latest or name@vNNN (normally a prune run)")
-    data: str | None = Field(None, description="prepared data run; default: the one the init run used")
+    init: RunRef = Field(description="run to initialise from, name@latest or name@vNNN (normally a prune run)")
+    data: RunRef | None = Field(None, description="prepared data run; default: the one the init run used")
     distill: DistillConfig | None = Field(None, description="knowledge distillation from a frozen teacher")
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig
@@ -102,11 +127,11 @@ class RetrainRecipe(Strict):
 class PruneRecipe(Strict):
     """`prunectl prune`: a parent (run or Hugging Face directory) pruned by one method to a ratio."""
 
-    name: str
+    name: RunName
     stage: Literal["prune"]
     description: str = ""
     parent: str = Field(description="name@latest / name@vNNN of a pretrain run, or a local Hugging Face model directory")
-    data: str | None = Field(None, description="prepared data run for calibration and held-out loss; default: the parent's")
+    data: RunRef | None = Field(None, description="prepared data run for calibration and held-out loss; default: the parent's")
     prune: PruneConfig
     optimizer: OptimizerConfig = Field(OptimizerConfig(), description="sheared-llama: the weights' optimizer while masks are learned")
     calibration: CalibrationConfig = CalibrationConfig()
@@ -126,10 +151,10 @@ class PruneRecipe(Strict):
 class EvalRecipe(Strict):
     """`prunectl eval`: held-out loss, perplexity and zero-shot accuracy of one complete run's final model."""
 
-    name: str
+    name: RunName
     stage: Literal["eval"]
     description: str = ""
-    run: str = Field(description="the model version to evaluate: name@latest or name@vNNN (override run=..., or --array run=a,b)")
+    run: RunRef = Field(description="the model version to evaluate: name@latest or name@vNNN (override run=..., or --array run=a,b)")
     eval: EvalConfig = EvalConfig()
     launch: LaunchConfig = LaunchConfig()
 
@@ -137,7 +162,7 @@ class EvalRecipe(Strict):
 class CompareRecipe(Strict):
     """`prunectl compare`: the paper's tables and figures for named P-R_N runs and their twins."""
 
-    name: str
+    name: RunName
     stage: Literal["compare"]
     description: str = ""
     eval: str | EvalConfig = Field(description="the eval recipe (file or name) whose stored results are compared")
@@ -161,7 +186,7 @@ class StudyRecipe(Strict):
     Entries are recipe files relative to this one (or recipe names); the study pins each stage's
     inputs to the exact versions it runs, whatever `@latest` the stage recipes name."""
 
-    name: str
+    name: RunName
     stage: Literal["study"]
     description: str = ""
     data: list[str] = Field(default_factory=list, description="data recipes (token stream, calibration sets), "
@@ -248,6 +273,20 @@ def default_name(path: Path) -> str:
     return f"{path.parent.name}-{path.stem}"
 
 
+def read(path: Path) -> str:
+    """A recipe file's text, or one line saying why it is not one."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise PrunectlError(f"{path}: no such recipe file") from None
+    except IsADirectoryError:
+        raise PrunectlError(f"{path}: is a directory; give a recipe file (.yaml)") from None
+    except UnicodeDecodeError:
+        raise PrunectlError(f"{path}: is not a text file; a recipe is YAML text") from None
+    except OSError as err:
+        raise PrunectlError(f"{path}: cannot be read ({err.strerror or err})") from None
+
+
 def load_raw(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """YAML with `extends:` (a path relative to the file) merged underneath, recursively."""
     path = path.resolve()
@@ -255,9 +294,7 @@ def load_raw(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         chain = " -> ".join(p.name for p in (*_seen, path))
         raise PrunectlError(f"extends: cycle {chain}; remove one of the extends")
     try:
-        raw = _yaml(path.read_text()) or {}
-    except FileNotFoundError:
-        raise PrunectlError(f"{path}: no such recipe file") from None
+        raw = _yaml(read(path)) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -33,8 +33,8 @@ def plain(text: str) -> None:
     console.print(text, markup=False, highlight=False)
 
 
-def warn(text: str) -> None:
-    err_console.print(text, highlight=False)
+def warn(text: str, markup: bool = True) -> None:
+    err_console.print(text, highlight=False, markup=markup)
 
 
 def rule(title: str) -> None:
@@ -67,22 +67,22 @@ def _progress_fields(run: store.Run) -> dict[str, Any]:
 def progress_bar() -> Progress:
     """A bar for work done here (data preparation): description, bar, count, time."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=True)
+                    console=err_console, transient=True, disable=not err_console.is_terminal)
 
 
 def _bars() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console, transient=True)
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console, transient=True,
+                    disable=not err_console.is_terminal)  # a bar in a log file is noise (and a stray blank line)
 
 
-def follow(run: store.Run, job) -> bool:
-    """A progress bar fed by the run's metrics.jsonl until the job ends; then its outcome in one line."""
+def follow(run: store.Run, job) -> None:
+    """A progress bar fed by the run's metrics.jsonl until the job ends (then `outcome` says how)."""
     with _bars() as progress:
         task = progress.add_task(run.ref, total=None, info="starting")
         while not job_over(job):
             progress.update(task, **_progress_fields(run))
             time.sleep(0.5)
-    return outcome(run)
 
 
 def follow_many(root: Path, pairs: list[tuple[StudyNode, Any]], node_state) -> None:
@@ -118,10 +118,10 @@ def outcome(run: store.Run) -> bool:
                       f"{s.final_train_loss or nan:.4f}, held-out loss {s.final_val_loss or nan:.4f} (unigram entropy "
                       f"{s.unigram_entropy_nats if s.unigram_entropy_nats is not None else nan:.4f}){sparse}; {where}")
         return True
-    logs = sorted((run.dir / "logs").glob("*_0_log.err"))
-    err_console.print(f"[red]{run.ref} did not complete[/]: {manifest.note if manifest else 'no manifest'}")
-    if logs:
-        err_console.print(f"log: {logs[-1]}")
+    logs = sorted((run.dir / "logs").glob("**/*_0_log.err"), key=lambda p: p.stat().st_mtime)
+    note = (manifest.note if manifest else None) or "no reason recorded"
+    log = f" (log: {logs[-1]})" if logs and "log: " not in note else ""
+    err_console.print(f"error: {run.ref} failed: {note}{log}", markup=False, highlight=False)
     return False
 
 
@@ -233,12 +233,16 @@ def recipes_table(rows: list[dict[str, str]]) -> None:
 
 
 def runs_table(rows: Iterable[dict[str, Any]]) -> None:
-    table = Table("run", "stage", "status", "job", "slurm", "tokens", "lr", "created", "note", box=None)
-    color = {"complete": "green", "failed": "red"}
+    rows = list(rows)
+    owned = any(r["owner"] for r in rows)  # the owner column only while some run is being written
+    table = Table("run", "stage", "status", "job", "slurm", *(["owner"] if owned else []), "tokens", "lr", "created",
+                  "note", box=None)
+    color = {"complete": "green", "failed": "red", "damaged": "red"}
     for r in rows:
         tokens = f"{r['tokens']:,}" if r["tokens"] else ""
         table.add_row(r["run"], r["stage"], f"[{color.get(r['status'], 'yellow')}]{r['state']}", r["job"],
-                      r["slurm"] or "", tokens, r["lr"], (r["created"] or "").replace("T", " ")[:19], r["note"] or "")
+                      r["slurm"] or "", *([r["owner"]] if owned else []), tokens, r["lr"],
+                      (r["created"] or "").replace("T", " ")[:19], r["note"] or "")
     console.print(table)
 
 

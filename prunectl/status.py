@@ -7,7 +7,9 @@ from typing import Any
 
 import yaml
 
-from . import launch, store
+from pydantic import ValidationError
+
+from . import launch, lifecycle, store
 from .artifacts import StudyNode, summary_of
 from .study import node_state
 
@@ -17,23 +19,33 @@ def run_rows(root: Path, names: list[str]) -> tuple[list[dict[str, Any]], str | 
     rows, unreachable = [], None
     for name in names:
         for run in store.versions(root, name):
-            m = run.manifest()
+            try:
+                m = run.manifest()
+            except (OSError, ValueError, ValidationError) as err:  # unreadable or damaged: say so, list the rest
+                rows.append(_placeholder(run, "damaged", f"manifest.json: {type(err).__name__}"))
+                continue
             if m is None:
-                rows.append({"run": run.ref, "stage": "?", "status": "allocating", "state": "allocating", "job": "",
-                             "slurm": None, "tokens": None, "lr": "", "created": None, "note": "no manifest yet"})
+                rows.append(_placeholder(run, "allocating", "no manifest yet"))
                 continue
             job = m.job_ids[-1] if m.job_ids else ""
-            state, slurm = m.status, None
+            state, slurm, owner = m.status, None, ""
             try:
                 slurm = launch.slurm_state(job) if job and m.executor == "slurm" else None
-                if state in ("running", "pending") and not launch.job_alive(m):
-                    state = f"{state} (lost)"
+                if state in ("running", "pending"):
+                    alive = launch.job_alive(m) or lifecycle.owner_alive(run)
+                    owner = f"job {job or '?'} ({m.executor}, pid {m.pid} on {m.host})" if alive else ""
+                    state = state if alive else f"{state} (lost)"
             except launch.SlurmUnreachable as e:
                 slurm, unreachable = "unknown", str(e)
             rows.append({"run": run.ref, "stage": m.stage, "status": m.status, "state": state, "job": job, "slurm": slurm,
-                         "tokens": m.data.tokens if m.data else m.summary.get("tokens"), "lr": _lr(run, m),
-                         "created": m.created, "note": m.note})
+                         "owner": owner, "tokens": m.data.tokens if m.data else m.summary.get("tokens"),
+                         "lr": _lr(run, m), "created": m.created, "note": m.note})
     return rows, unreachable
+
+
+def _placeholder(run: store.Run, state: str, note: str) -> dict[str, Any]:
+    return {"run": run.ref, "stage": "?", "status": state, "state": state, "job": "", "slurm": None, "owner": "",
+            "tokens": None, "lr": "", "created": None, "note": note}
 
 
 def _lr(run: store.Run, m: store.Manifest) -> str:

@@ -6,17 +6,20 @@ says so only after everything else in the directory has been fsynced.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
 import socket
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +29,10 @@ RUNS_ENV = "PRUNECTL_RUNS"
 SCHEMA_VERSION = 1
 Status = Literal["pending", "running", "complete", "failed"]
 _VERSION_DIR = re.compile(r"^v(\d{3,})$")
+# A run name is one path component that a reference (name@vNNN) can name: no separators, no '@', not '.' or '..'.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
+NAME = re.compile(rf"^{NAME_PATTERN}$")
+NAME_RULE = "1-128 letters, digits, '.', '_', '+' or '-', starting with a letter or digit (no '/', '@', spaces)"
 _PACKAGES = ("torch", "deepspeed", "transformers", "datasets", "submitit", "tokenizers", "lm_eval", "numpy")
 
 
@@ -79,6 +86,23 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def check_name(name: str, what: str = "name") -> str:
+    """A run name that stays one directory inside the runs root, or one line saying why not."""
+    if not isinstance(name, str) or not NAME.match(name):
+        raise PrunectlError(f"{what}: {name!r} is not a run name; a run name is {NAME_RULE}")
+    return name
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """`name`, `name@latest` or `name@vNNN` -> (name, version text); refused unless the name is a run name."""
+    name, _, version = str(ref).partition("@")
+    if not NAME.match(name):
+        raise PrunectlError(f"{ref}: not a run reference; give name, name@latest or name@vNNN, where a name is {NAME_RULE}")
+    if version not in ("", "latest") and not _VERSION_DIR.match(version):
+        raise PrunectlError(f"{ref}: a version is @latest or @vNNN, e.g. {name}@v001")
+    return name, version
+
+
 def runs_root(explicit: str | os.PathLike | None = None) -> Path:
     return Path(explicit or os.environ.get(RUNS_ENV) or "runs").absolute()
 
@@ -98,8 +122,10 @@ class Run:
     @classmethod
     def of(cls, root: Path, ref: str) -> Run:
         """name@vNNN as a Run, complete or not (resolve() insists on complete)."""
-        name, _, version = ref.partition("@")
-        return cls(root, name, int(version.removeprefix("v")))
+        name, version = parse_ref(ref)
+        if not _VERSION_DIR.match(version):
+            raise PrunectlError(f"{ref}: give an exact version, name@vNNN")
+        return cls(root, name, int(version[1:]))
 
     @property
     def dir(self) -> Path:
@@ -127,12 +153,18 @@ class Run:
         write_atomic(self.manifest_path, manifest.model_dump_json(indent=2))
 
     def update(self, **changes: Any) -> Manifest:
-        manifest = self.manifest()
-        if manifest is None:
-            raise PrunectlError(f"{self.ref}: manifest.json is missing; the run directory is damaged")
-        manifest = manifest.model_copy(update=changes)
-        self.write_manifest(manifest)
-        return manifest
+        """Read, change, write: under a lock, so the submitter and the job never lose each other's changes."""
+        with file_lock(self.dir / ".manifest.lock"):
+            manifest = self.manifest()
+            if manifest is None:
+                raise PrunectlError(f"{self.ref}: manifest.json is missing; the run directory is damaged")
+            manifest = manifest.model_copy(update=changes)
+            self.write_manifest(manifest)
+            return manifest
+
+    def same_as(self, other: Run) -> bool:
+        """One run under two spellings (a symlinked name, another version alias): compare where it really is."""
+        return self.dir.resolve() == other.dir.resolve()
 
     def is_complete(self) -> bool:
         manifest = self.manifest()
@@ -155,6 +187,7 @@ def run_names(root: Path) -> list[str]:
 
 def allocate(root: Path, name: str) -> Run:
     """A fresh version directory; mkdir is the lock, so concurrent array tasks never collide."""
+    check_name(name)
     (root / name).mkdir(parents=True, exist_ok=True)
     while True:
         existing = versions(root, name)
@@ -169,7 +202,7 @@ def allocate(root: Path, name: str) -> Run:
 
 def resolve(root: Path, ref: str) -> Run:
     """`name`, `name@latest` (newest complete) or `name@vNNN` (must be complete)."""
-    name, _, version = ref.partition("@")
+    name, version = parse_ref(ref)
     runs = versions(root, name)
     if not runs:
         raise PrunectlError(f"{ref}: no runs named '{name}' under {root}")
@@ -178,10 +211,7 @@ def resolve(root: Path, ref: str) -> Run:
         if not complete:
             raise PrunectlError(f"{ref}: '{name}' has no complete version under {root} ({len(runs)} incomplete)")
         return complete[-1]
-    match = _VERSION_DIR.match(version)
-    if not match:
-        raise PrunectlError(f"{ref}: a version is @latest or @vNNN, e.g. {name}@v001")
-    run = Run(root, name, int(match.group(1)))
+    run = Run(root, name, int(version[1:]))
     if run not in runs:
         raise PrunectlError(f"{ref}: no such version under {root / name}")
     manifest = run.manifest()
@@ -196,6 +226,7 @@ def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600; run files are shared like any other file
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
@@ -205,6 +236,31 @@ def write_atomic(path: Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def file_mode() -> int:
+    """What open() would give a new file: 0666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """An exclusive flock on `path`: the kernel drops it when the holder dies, kill -9 included.
+    With wait=False, yields False at once when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -227,13 +283,35 @@ def fsync_tree(path: Path) -> None:
         fsync_dir(Path(folder))
 
 
+FILES = ".files.json"
+
+
 def publish_dir(staging: Path, final: Path) -> None:
-    """Make a fully written staging directory visible under its final name, durably."""
+    """Make a fully written staging directory visible under its final name, durably, with a list of
+    its files and sizes that `verify_published` checks."""
+    files = [p for p in sorted(staging.rglob("*")) if p.is_file() and not p.is_symlink()]
+    for path in files:  # some writers (safetensors) create 0600 files: every run file gets the umask's mode
+        path.chmod(file_mode())
+    sizes = {str(p.relative_to(staging)): p.stat().st_size for p in files}
+    write_json(staging / FILES, sizes)
     fsync_tree(staging)
     if final.exists():
         raise PrunectlError(f"{final}: already exists; refusing to overwrite a published directory")
     os.replace(staging, final)
     fsync_dir(final.parent)
+
+
+def verify_published(final: Path) -> str | None:
+    """None when `final` holds every file publish_dir listed, at its size; else what is wrong."""
+    try:
+        sizes = json.loads((final / FILES).read_text())
+    except (OSError, ValueError) as err:
+        return f"{final / FILES}: {type(err).__name__}"
+    for name, size in sizes.items():
+        path = final / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{path}: missing or not {size} bytes"
+    return None
 
 
 def mark_complete(run: Run, **changes: Any) -> Manifest:

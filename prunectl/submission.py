@@ -7,6 +7,7 @@ nothing here prints (the CLI renders what `plan` and `submit` return).
 from __future__ import annotations
 
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -80,55 +81,79 @@ def plan(stage: str, recipe_ref: str, overrides: list[str], profile: str | None,
     return StagePlan(stage, resolved, inputs, res, bool(array or sweep), choice, base)
 
 
-def resumable(root: Path, r, new: bool) -> store.Run | None:
-    """The newest version of this exact recipe, if it was interrupted and nothing is running it."""
+def interrupted(root: Path, r) -> store.Run | None:
+    """The newest version of `r.name`, if it holds this exact recipe and did not complete."""
     runs = store.versions(root, r.name)
-    if new or not runs:
+    if not runs:
         return None
-    run = runs[-1]
+    manifest = runs[-1].manifest()
+    if manifest is None or manifest.status == "complete" or not recipes.same_recipe(runs[-1], r):
+        return None
+    return runs[-1]
+
+
+def resumable(root: Path, r, new: bool) -> store.Run | None:
+    """The newest version of this exact recipe, if it was interrupted and no job owns it (call under `claim`)."""
+    run = None if new else interrupted(root, r)
+    if run is None:
+        return None
     manifest = run.manifest()
-    if manifest is None or manifest.status == "complete" or not recipes.same_recipe(run, r):
-        return None
-    if launch.job_alive(manifest):
-        raise PrunectlError(f"{run.ref}: is still {manifest.status} (job {', '.join(manifest.job_ids)}); "
-                            "wait for it, cancel it, or pass --new for a separate version")
+    if lifecycle.owner_alive(run) or launch.job_alive(manifest):
+        raise PrunectlError(f"{run.ref}: is owned by job {', '.join(manifest.job_ids[-1:]) or manifest.pid} "
+                            f"({manifest.status}); wait for it, cancel it, or pass --new for a separate version")
     return run
 
 
 def submit(p: StagePlan, root: Path, executor: str, new: bool, echo: Callable[[str], None]) -> list[tuple[store.Run, Any]]:
-    """Allocate (or resume) a version per recipe, then submit them as one job or one array."""
-    runs, fresh = [], []
-    for each, ins in zip(p.recipes, p.inputs):
-        run = None if p.array else resumable(root, each, new)
-        if run is None:
-            run = store.allocate(root, each.name)
-            fresh.append(run)
-            recipes.write_run_recipe(run, each)
-            manifest = store.Manifest(name=each.name, version=run.version, stage=p.stage, inputs=ins, executor=executor)
-            if p.choice is not None:
-                manifest = manifest.model_copy(update={"lr_sweep": p.choice.model_dump()})
-            run.write_manifest(manifest)
-        else:
-            echo(f"resuming {run.ref}" + (" from its newest complete checkpoint" if p.stage != "prune" else ""))
-            run.update(executor=executor, status="pending", finished=None)
-        runs.append(run)
-    dirs = [run.dir for run in runs]
-    try:
-        jobs = launch.submit(executor, p.res, p.recipes[0].name, [job(p.stage, d) for d in dirs],
-                             launch.array_folder(dirs), link_logs=dirs if len(dirs) > 1 else [])
-    except Exception as err:  # sbatch refused (bad partition, account, ...): leave no pending run behind
-        for run in runs:
-            if run in fresh:
-                shutil.rmtree(run.dir, ignore_errors=True)
+    """Allocate (or resume) a version per recipe, then submit them as one job or one array.
+
+    Resuming is exclusive: the command holds the version's claim from the moment it finds it interrupted
+    until its job id is recorded, so concurrent identical commands never submit two jobs into one directory."""
+    with ExitStack() as claims:
+        runs, fresh = [], []
+        for each, ins in zip(p.recipes, p.inputs):
+            run = None
+            if not p.array and not new and (candidate := interrupted(root, each)) is not None:
+                claims.enter_context(lifecycle.claim(candidate))
+                run = resumable(root, each, new)  # again, under the claim
+            if run is None:
+                run = store.allocate(root, each.name)
+                fresh.append(run)
+                recipes.write_run_recipe(run, each)
+                manifest = store.Manifest(name=each.name, version=run.version, stage=p.stage, inputs=ins, executor=executor)
+                if p.choice is not None:
+                    manifest = manifest.model_copy(update={"lr_sweep": p.choice.model_dump()})
+                run.write_manifest(manifest)
             else:
-                lifecycle.fail(run, "resubmission failed")
-        raise PrunectlError(f"submission failed: {submit_error(err)}") from None
-    for run, j in zip(runs, jobs):
-        manifest = run.manifest()
-        if str(j.job_id) not in manifest.job_ids:
-            run.update(job_ids=[*manifest.job_ids, str(j.job_id)])
-        echo(f"submitted {run.ref} as job {j.job_id} ({executor}); run directory {run.dir}")
+                echo(f"resuming {run.ref}" + (" from its newest complete checkpoint" if p.stage != "prune" else ""))
+                run.update(executor=executor, status="pending", finished=None)
+            runs.append(run)
+        dirs = [run.dir for run in runs]
+        try:
+            jobs = launch.submit(executor, p.res, p.recipes[0].name, [job(p.stage, d) for d in dirs],
+                                 launch.array_folder(dirs), link_logs=dirs if len(dirs) > 1 else [])
+        except Exception as err:  # sbatch refused (bad partition, account, ...): leave no pending run behind
+            for run in runs:
+                if run in fresh:
+                    shutil.rmtree(run.dir, ignore_errors=True)
+                else:
+                    lifecycle.fail(run, "resubmission failed")
+            raise PrunectlError(f"submission failed: {submit_error(err)}") from None
+        for run, j in zip(runs, jobs):
+            manifest = run.manifest()
+            if str(j.job_id) not in manifest.job_ids:
+                run.update(job_ids=[*manifest.job_ids, str(j.job_id)])
+            echo(f"submitted {run.ref} as job {j.job_id} ({executor}); run directory {run.dir}")
     return list(zip(runs, jobs))
+
+
+def settle(run: store.Run, job) -> store.Manifest | None:
+    """After the job ended: a run it left pending or running (killed, out of disk, crashed before its
+    lifecycle started) is marked failed with the job's last words, so no run looks alive or complete."""
+    manifest = run.manifest()
+    if manifest is None or manifest.status in ("complete", "failed") or lifecycle.owner_alive(run):
+        return manifest
+    return lifecycle.fail(run, f"the job ended without finishing: {launch.last_words(job)}")
 
 
 def submit_error(err: BaseException) -> str:

@@ -2,22 +2,20 @@
 
 A component: stages call `fit()` on every rank with the Objective they train. The data order is a
 pure function of (seed, ranges, budget, step), and checkpoints carry the step, so a resumed run
-continues on exactly the sequences the interrupted one would have seen next. A checkpoint counts
-only once `latest.json` names it, written after every rank has saved.
+continues on exactly the sequences the interrupted one would have seen next. Saving, verifying and
+safely loading checkpoints is checkpoints.py's job.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .errors import PrunectlError
 from .schema import Strict
@@ -33,6 +31,13 @@ class OptimizerConfig(Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas={list(betas)}: each must be in [0, 1)")
+        return betas
 
 
 class TrainConfig(Strict):
@@ -53,7 +58,7 @@ class TrainConfig(Strict):
     eval_range: str = "validation"
     eval_tokens: int = Field(65_536, ge=2)
     log_every: int = Field(10, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _batches(self) -> TrainConfig:
@@ -154,11 +159,21 @@ class Reporter:
         self.metrics.close()
 
 
-def _latest_checkpoint(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / "latest.json").read_text())
-    except FileNotFoundError:
-        return None
+class Diverged(PrunectlError):
+    """The loss left the finite numbers: the run fails instead of publishing (an LR sweep's prefix run
+    records the LR as diverged instead)."""
+
+    def __init__(self, name: str, value: float, step: int) -> None:
+        super().__init__(f"train: the {name} is {value} at step {step}; lower optimizer.lr (or raise warmup) "
+                         "and run again")
+        self.step = step
+
+
+def _finite(name: str, value: float, step: int) -> float:
+    """The value is all-reduced, so every rank raises together."""
+    if not math.isfinite(value):
+        raise Diverged(name, value, step)
+    return value
 
 
 class Objective:
@@ -217,7 +232,7 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
 
     Checkpoints and metrics.jsonl go to `workdir` (default: the run directory). The calling stage owns
     the run's lifecycle (running, failed, complete); fit records what it reads and where it resumed."""
-    from . import distributed
+    from . import checkpoints, distributed
 
     env = distributed.init()
     import deepspeed
@@ -256,15 +271,14 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
     )
 
     ckpt_dir = run_dir / "checkpoints"
-    latest = _latest_checkpoint(ckpt_dir)
-    step = 0
-    if latest is not None:
-        _, client = engine.load_checkpoint(str(ckpt_dir), tag=latest["tag"])
-        step = int(client["step"])
+    step, skipped = checkpoints.resume(engine, ckpt_dir, env)
+    note = (f"resumed at step {step}" + (f" ({skipped})" if skipped else "")) if step else None
 
     if env.writer:
+        if note:
+            print(note, flush=True)  # the log keeps it: completion replaces the manifest's note
         run.update(
-            note=f"resumed at step {step}" if step else None,
+            note=note,
             resumed_from=[*manifest.resumed_from, step] if step else manifest.resumed_from,
             data=store.DataUse(
                 data=data_run.ref,
@@ -299,19 +313,12 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
         engine.train()
         return float(total[0] / total[1])
 
+    saved = step  # the step of the newest checkpoint: a stop right after a save does not rewrite it in place
+
     def save_checkpoint() -> None:
-        tag = f"step{step:08d}"
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
-        if env.world > 1:
-            dist.barrier()
-        if env.rank == 0:
-            store.fsync_tree(ckpt_dir / tag)
-            store.write_json(ckpt_dir / "latest.json", {"tag": tag, "step": step, "tokens": step * tokens_per_step})
-            tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
-            for old in tags[: -cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        if env.world > 1:
-            dist.barrier()
+        nonlocal saved
+        checkpoints.save(engine, ckpt_dir, step, step * tokens_per_step, cfg.keep_checkpoints, env)
+        saved = step
 
     engine.train()
     window: dict[str, float] = {}
@@ -337,7 +344,7 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
                 dist.all_reduce(means)
                 means /= env.world
             terms = dict(zip(window, means.tolist()))
-            train_loss = terms["loss"]
+            train_loss = _finite("loss", terms["loss"], step)
             elapsed = time.perf_counter() - window_start
             grad_norm = engine.get_global_grad_norm()
             if reporter:
@@ -352,7 +359,7 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
                 })
             window, window_steps, window_start = {}, 0, time.perf_counter()
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
-            val_loss = held_out_loss()
+            val_loss = _finite("held-out loss", held_out_loss(), step)
             if reporter:
                 reporter.log({"step": step, "tokens": step * tokens_per_step, "val_loss": val_loss})
             window_start = time.perf_counter()
@@ -360,7 +367,8 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
             save_checkpoint()
             window_start = time.perf_counter()
         if distributed.agree(stop.signum is not None, env) and step < total_steps:
-            save_checkpoint()
+            if saved != step:
+                save_checkpoint()
             distributed.leave_for_requeue(run, env, step, stop.signum)
 
     state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else None

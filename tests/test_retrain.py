@@ -106,7 +106,7 @@ def test_distilled_sparse_retrain_resumes_bit_exact_after_sigkill(study, tmp_pat
 
 
 def test_bad_retrain_and_twin_inputs_are_one_clear_error_each(study, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     runs, env = study["runs"], study["env"]
     err = refused(env, runs, "pretrain", "test-twin-depth", "like=test-prune-parent@latest")
@@ -118,6 +118,7 @@ def test_bad_retrain_and_twin_inputs_are_one_clear_error_each(study, tmp_path):
     other = tmp_path / "other-vocab"
     LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(other)
+    AutoTokenizer.from_pretrained(runs / "test-data" / "v001" / "tokenizer").save_pretrained(other)
     err = refused(env, runs, "retrain", "test-retrain-depth", f"distill.teacher={other}")
     assert "vocabulary (512 entries) differs from the student's (1,024)" in err
     err = refused(env, runs, "retrain", "test-retrain-wanda", "train.zero_stage=3")

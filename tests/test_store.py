@@ -64,4 +64,4 @@ def test_manifest_write_is_atomic(tmp_path):
     run = _run(tmp_path, "a", "pending")
     run.update(status="running", note="x")
     assert run.manifest().status == "running"
-    assert [p.name for p in run.dir.iterdir()] == ["manifest.json"]  # no temporary file left behind
+    assert [p.name for p in run.dir.iterdir() if not p.name.endswith(".lock")] == ["manifest.json"]  # no temporary file left

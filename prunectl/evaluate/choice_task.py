@@ -27,7 +27,7 @@ class ChoiceTaskConfig(Strict):
     context_words: int = Field(32, ge=4)
     ending_words: int = Field(12, ge=2)
     choices: int = Field(4, ge=2)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 def build(docs: list[str], cfg: ChoiceTaskConfig) -> list[dict]:

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..data import HeldOutConfig
+from ..errors import PrunectlError
 from ..schema import Strict
 
 
@@ -43,9 +44,24 @@ class PerplexityCorpus(Strict):
 class ZeroShot(Strict):
     tasks: list[str] = Field(default_factory=list, description="lm-eval task names (the built-in choice task: data-run name + '-continuation')")
     include: list[str] = Field(default_factory=list, description="directories of local lm-eval task YAMLs")
+    trust_code: bool = Field(False, description="allow the include directories' Python code to run: lm-eval imports "
+                                                "the modules their YAMLs name with `!function` (never under --dry-run)")
     batch_size: int | Literal["auto"] = Field("auto", description="auto: 16 on CPU, lm-eval's search on GPU")
     num_fewshot: int = Field(0, ge=0)
     limit: int | None = Field(None, ge=1, description="score only the first N documents of each task")
+
+    def untrusted(self) -> str | None:
+        """The problem, if the include directories would run code the user has not allowed."""
+        if self.include and not self.trust_code:
+            return (f"eval.zero_shot.include: {', '.join(self.include)}: lm-eval task directories can execute Python "
+                    "(`!function`); set eval.zero_shot.trust_code=true to allow it")
+        return None
+
+    def include_paths(self) -> list[Path]:
+        """The include directories, only once the user has allowed their code; the one way to get them."""
+        if problem := self.untrusted():
+            raise PrunectlError(problem)
+        return [Path(p) for p in self.include]
 
 
 class EvalConfig(Strict):
@@ -55,8 +71,9 @@ class EvalConfig(Strict):
     batch_size: int = Field(8, ge=1, description="windows per forward pass for held-out loss and perplexity")
 
     def key(self) -> str:
-        """The results file's name: a hash of everything that changes a number."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """The results file's name: a hash of everything that changes a number (trust_code does not, so stored
+        results keep their key)."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"zero_shot": {"trust_code"}}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

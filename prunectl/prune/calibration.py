@@ -30,7 +30,7 @@ class CalibrationConfig(Strict):
     samples: int = Field(128, ge=1)
     seq_len: int = Field(8192, ge=8)
     micro_batch: int = Field(8, ge=1, description="sequences per forward pass")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 def sample(stream: TokenStream, cfg: CalibrationConfig, where: str) -> torch.Tensor:

@@ -35,6 +35,12 @@ class PruneConfig(Strict):
             raise ValueError(f"unknown method; one of {', '.join(METHODS)}")
         return value
 
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        parse_pattern(value)  # named by its own key: prune.pattern
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _ratio_from_pattern(cls, data: Any) -> Any:

@@ -57,6 +57,7 @@ def run(recipe: EvalRecipe, run_dir: Path, force: bool = False) -> EvalResults:
     from ..model import parameter_counts
 
     cfg = recipe.eval
+    user_tasks = cfg.zero_shot.include_paths()  # refused before any work unless their code is allowed
     run_dir = Path(run_dir)
     out_path = results_path(run_dir, cfg)
     if out_path.exists() and not force:
@@ -107,7 +108,7 @@ def run(recipe: EvalRecipe, run_dir: Path, force: bool = False) -> EvalResults:
 
     if cfg.zero_shot.tasks:
         with tempfile.TemporaryDirectory() as tmp, harness.offline():
-            include = [*local_tasks(run.root, data_ref, cfg.zero_shot.tasks, Path(tmp)), *map(Path, cfg.zero_shot.include)]
+            include = [*local_tasks(run.root, data_ref, cfg.zero_shot.tasks, Path(tmp)), *user_tasks]
             batch = cfg.zero_shot.batch_size
             if batch == "auto" and device.type != "cuda":
                 batch = 16
@@ -148,7 +149,7 @@ def prefetch(recipe: EvalRecipe) -> list[str]:
             done.append(f"cached {corpus.dataset} {corpus.subset or ''} {corpus.split}")
     hub = [t for t in recipe.eval.zero_shot.tasks if not t.endswith(CHOICE_SUFFIX)]
     if hub:
-        harness.prefetch(hub, [Path(p) for p in recipe.eval.zero_shot.include])
+        harness.prefetch(hub, recipe.eval.zero_shot.include_paths())
         done.append(f"cached the data of {', '.join(hub)}")
     return done
 
@@ -161,8 +162,11 @@ def check_target(run_dir: Path) -> None:
         raise PrunectlError(f"{run.ref}: is {manifest.status if manifest else 'missing'}, not complete; nothing to evaluate")
 
 
-def check(root: Path, r: EvalRecipe, tasks: bool = True) -> tuple[store.Run, str | None]:
-    """The run and its data, and every problem with the eval configuration; nothing is written."""
+def check(root: Path, r: EvalRecipe, tasks: bool = True, *, includes: bool = True) -> tuple[store.Run, str | None]:
+    """The run and its data, and every problem with the eval configuration; nothing is written.
+
+    `tasks`: check the zero-shot task names with lm-eval's index. `includes`: index the include directories too,
+    which imports their code: False for a dry run, which then leaves the task names of such a suite unchecked."""
 
     problems: list[str] = []
     try:
@@ -173,14 +177,19 @@ def check(root: Path, r: EvalRecipe, tasks: bool = True) -> tuple[store.Run, str
         raise PrunectlError(f"run: {run.ref} has no final model to evaluate (an LR sweep's prefix run keeps none)")
     data_ref = run.manifest().inputs.get("data")
     cfg = r.eval
+    if problem := cfg.zero_shot.untrusted():
+        problems.append(problem)
+    used = _trained_on(root, run)
     if cfg.heldout is not None and cfg.heldout.tokens:
         if data_ref is None:
             problems.append(f"eval.heldout: {run.ref} names no data run; set eval.heldout=null")
         else:
-            meta = DataMeta.read(store.resolve(root, data_ref).dir)
-            if cfg.heldout.range not in meta.ranges:
+            data_run = store.resolve(root, data_ref)
+            if cfg.heldout.range not in DataMeta.read(data_run.dir).ranges:
                 problems.append(f"eval.heldout.range: {data_ref} has no range {cfg.heldout.range}")
-    used = lineage.trained_on(root, run)
+            elif (data_run.dir.resolve(), cfg.heldout.range) in used:
+                problems.append(f"eval.heldout.range: {run.ref}'s lineage trained or calibrated on "
+                                f"'{cfg.heldout.range}' of {data_ref}; score a held-out range (e.g. validation)")
     for corpus in cfg.perplexity:
         if corpus.data is None:
             continue
@@ -192,13 +201,25 @@ def check(root: Path, r: EvalRecipe, tasks: bool = True) -> tuple[store.Run, str
         ranges = DataMeta.read(data_run.dir).ranges
         if corpus.range not in ranges:
             problems.append(f"eval.perplexity[{corpus.name}].range: {data_run.ref} has no range {corpus.range}")
-        elif (data_run.ref, corpus.range) in used:
+        elif (data_run.dir.resolve(), corpus.range) in used:  # the same data under any name (symlinks)
             problems.append(f"eval.perplexity[{corpus.name}].range: {run.ref}'s lineage trained or calibrated on "
                             f"'{corpus.range}' of {data_run.ref}; score a held-out range (e.g. validation)")
     if problems:
         raise PrunectlError(*problems)
-    if cfg.zero_shot.tasks and tasks:
+    if cfg.zero_shot.tasks and tasks and (includes or not cfg.zero_shot.include):
         with tempfile.TemporaryDirectory() as tmp, harness.offline():
-            include = [*local_tasks(root, data_ref, cfg.zero_shot.tasks, Path(tmp)), *map(Path, cfg.zero_shot.include)]
+            include = [*local_tasks(root, data_ref, cfg.zero_shot.tasks, Path(tmp)), *cfg.zero_shot.include_paths()]
             harness.check_tasks(cfg.zero_shot.tasks, include, f"prunectl eval {r.name} --prefetch")
     return run, data_ref
+
+
+def _trained_on(root: Path, run: store.Run) -> set[tuple[Path, str]]:
+    """lineage.trained_on as (real data run directory, range): a ref spelled another way (an alias, a symlinked
+    runs root) is still the same data."""
+    found = set()
+    for ref, name in lineage.trained_on(root, run):
+        try:
+            found.add((store.Run.of(root, ref).dir.resolve(), name))
+        except (PrunectlError, ValueError):
+            continue  # not a run reference: nothing under this root to compare with
+    return found

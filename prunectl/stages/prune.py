@@ -27,14 +27,18 @@ def run(run: store.Run, recipe: PruneRecipe) -> PruneReport | None:
     env = distributed.init()
     inputs = run.manifest().inputs
     method = recipe.prune.spec
+    done = lifecycle.published(run)  # every rank reads it before the writer may change anything
+    env.barrier()
     with lifecycle.running(run, env.job_id, writer=env.writer):
+        if done:
+            if env.writer:
+                lifecycle.complete_published(run)
+            return PruneReport.read(run.dir) if env.writer else None
         if method.learn is not None:  # every rank: DeepSpeed training, resumable
             method.learn(run, recipe.prune, recipe.optimizer, locate(run.root, inputs["parent"])[0], inputs["data"])
         if not env.writer:
             return None
-        report = _prune(run, recipe, inputs, env.device)
-        lifecycle.complete(run, summary=report.summary().model_dump())
-        return report
+        return _prune(run, recipe, inputs, env.device)
 
 
 def _prune(run: store.Run, recipe: PruneRecipe, inputs: dict[str, str], device) -> PruneReport:
@@ -60,7 +64,7 @@ def _prune(run: store.Run, recipe: PruneRecipe, inputs: dict[str, str], device) 
         data_run = store.resolve(root, inputs["data"])
         stream = TokenStream(data_run.dir)
         calib_run = store.resolve(root, inputs["calibration"]) if inputs.get("calibration") else data_run
-        calib_stream = stream if calib_run == data_run else TokenStream(calib_run.dir)
+        calib_stream = stream if calib_run.same_as(data_run) else TokenStream(calib_run.dir)
         ids = calib.sample(calib_stream, recipe.calibration, calib_run.ref) if method.calibrated else None
         heldout = None
         if recipe.heldout.tokens:
@@ -121,7 +125,7 @@ def _prune(run: store.Run, recipe: PruneRecipe, inputs: dict[str, str], device) 
     typed = PruneReport.model_validate(report)
     typed.write(staging / "prune_report.json")
     typed.write(run.dir)
-    store.publish_dir(staging, run.final)
+    lifecycle.publish(run, staging, typed.summary().model_dump())
     return typed
 
 
@@ -148,8 +152,8 @@ def check(root: Path, r: PruneRecipe, res: Resources) -> dict[str, str]:
     except PrunectlError as err:
         problems.append(f"parent: {err.problems[0]}; pretrain it first or point at a Hugging Face model directory")
     data_ref = r.data
-    if data_ref is None and "parent" in inputs and not Path(r.parent).expanduser().is_dir():
-        data_ref = store.resolve(root, r.parent).manifest().inputs.get("data")
+    if data_ref is None and "@" in inputs.get("parent", ""):  # a run (an HF directory is recorded by path)
+        data_ref = store.resolve(root, inputs["parent"]).manifest().inputs.get("data")
     if data_ref is None and parent_dir is not None:
         problems.append("data: required when the parent is not a prunectl run (it names the calibration and held-out data)")
     meta: dict[str, DataMeta] = {}
@@ -163,7 +167,9 @@ def check(root: Path, r: PruneRecipe, res: Resources) -> dict[str, str]:
         except PrunectlError as err:
             problems.append(f"{key if key == 'data' else 'calibration.data'}: {err.problems[0]}")
     calib_key = "calibration" if r.calibration.data else "data"
-    if inputs.get("calibration") == inputs.get("data") and r.calibration.range == r.heldout.range:
+    same_data = "calibration" not in inputs or ("data" in inputs and store.Run.of(root, inputs["calibration"]).same_as(
+        store.Run.of(root, inputs["data"])))
+    if same_data and r.calibration.range == r.heldout.range:
         problems.append(f"calibration.range: '{r.calibration.range}' is the held-out evaluation range; calibrate elsewhere")
     if "data" in meta and r.heldout.tokens and r.heldout.range not in meta["data"].ranges:
         problems.append(f"heldout.range: {inputs['data']} has no range {r.heldout.range}")
@@ -191,14 +197,20 @@ def check(root: Path, r: PruneRecipe, res: Resources) -> dict[str, str]:
         import json
 
         config = json.loads((parent_dir / "config.json").read_text())
+        shape = None
         if config.get("model_type") != "llama":
             problems.append(f"parent: {r.parent} is a {config.get('model_type')} model; prunectl prunes Llama models")
         else:
-            shape = Shape(layers=config["num_hidden_layers"], hidden=config["hidden_size"],
-                          heads=config["num_attention_heads"], kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-                          head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
-                          ffn=config["intermediate_size"], vocab=config["vocab_size"],
-                          tied=bool(config.get("tie_word_embeddings")))
+            try:
+                shape = Shape(layers=config["num_hidden_layers"], hidden=config["hidden_size"],
+                              heads=config["num_attention_heads"], kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+                              head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+                              ffn=config["intermediate_size"], vocab=config["vocab_size"],
+                              tied=bool(config.get("tie_word_embeddings")))
+            except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+                problems.append(f"parent: {parent_dir / 'config.json'} is not a complete Llama config "
+                                f"({type(err).__name__}: {err}); re-save the model with save_pretrained")
+        if shape is not None:
             for key in meta:
                 vocab = meta[key].tokenizer.vocab_size
                 if vocab > shape.vocab:

@@ -47,14 +47,30 @@ def run(run: store.Run, recipe: TrainRecipe) -> dict[str, Any]:
     A sweep's prefix run keeps only its metrics and summary: its model is never used."""
     from .. import distributed
     from .. import model as models
-    from ..train import fit
+    from ..train import Diverged, fit
 
     env = distributed.init()
     inputs = run.manifest().inputs
+    done = lifecycle.published(run)  # every rank reads it before the writer may change anything
+    env.barrier()
     summary: dict[str, Any] = {}
     with lifecycle.running(run, env.job_id, writer=env.writer):
+        if done:
+            if env.writer:
+                lifecycle.complete_published(run)
+            return run.manifest().summary
         objective = objective_for(run.root, recipe, inputs)
-        result = fit(run, recipe.train, recipe.optimizer, objective, inputs["data"])
+        try:
+            result = fit(run, recipe.train, recipe.optimizer, objective, inputs["data"])
+        except Diverged as err:
+            if recipe.train.prefix_tokens is None:
+                raise
+            # an LR sweep's prefix run that diverged is an answer (this LR loses), not a failure
+            if env.writer:
+                lifecycle.complete(run, summary={**run.manifest().summary, "final_train_loss": None,
+                                                 "tokens": err.step * recipe.train.global_batch * recipe.train.seq_len},
+                                   note=f"diverged: {err.problems[0]}")
+            return run.manifest().summary
         if result.rank == 0:
             summary = {**run.manifest().summary, **result.summary}
             if recipe.train.prefix_tokens is None:
@@ -64,8 +80,11 @@ def run(run: store.Run, recipe: TrainRecipe) -> dict[str, Any]:
                 summary.update(objective.finish(result.state, staging))
                 # save_pretrained may drop entries from the dict it is given (shared tensors): hand it a copy
                 models.save(objective.language_model(result.module), dict(result.state), result.tokenizer, staging)
-                store.publish_dir(staging, run.final)
-            lifecycle.complete(run, summary=TrainSummary.model_validate(summary).model_dump(exclude_unset=True))
+            typed = TrainSummary.model_validate(summary).model_dump(exclude_unset=True)
+            if recipe.train.prefix_tokens is None:
+                lifecycle.publish(run, staging, typed)
+            else:
+                lifecycle.complete(run, summary=typed)
     result.barrier()
     return summary
 
@@ -118,7 +137,11 @@ def range_overlaps(root: Path, data_ref: str, train, seen: tuple[str, store.Data
     """Every range `train` reads that shares tokens with what the parent was pretrained on."""
     parent_ref, use = seen
     data_run = store.resolve(root, data_ref)
-    if data_run.ref != use.data:
+    try:
+        seen_run = store.resolve(root, use.data)
+    except PrunectlError:
+        seen_run = None
+    if seen_run is None or not data_run.same_as(seen_run):
         return []  # another token stream: no shared offsets to compare
     meta = DataMeta.read(data_run.dir).ranges
     problems = []
