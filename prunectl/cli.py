@@ -329,8 +329,12 @@ def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
         done = data_stage.prepared(root, data_recipe)
         data_paths.append((data_path, data_recipe, done))
         data_refs.append(done.ref if done else f"{data_recipe.name}@vNNN")
+    data_recipes = [data_recipe for _, data_recipe, _ in data_paths]
     planned = studies.Planner(root, study_file, r, data_refs, True, executor)
     planned.build()  # every stage recipe of the study resolved before anything is prepared or written
+    budget_rows, problems = studies.budgets(root, planned, data_recipes)
+    if problems:  # estimated from the data recipes when the data is not prepared yet
+        raise PrunectlError(studies.one_budget_line(problems))
     if not dry_run and any(done is None for _, _, done in data_paths):
         for i, (data_path, data_recipe, done) in enumerate(data_paths):
             if done is None:
@@ -338,16 +342,20 @@ def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
                 data_refs[i] = data_stage.prepared(root, data_recipe).ref
         planned = studies.Planner(root, study_file, r, data_refs, True, executor)
         planned.build()
+        budget_rows, problems = studies.budgets(root, planned, data_recipes)
+        if problems:  # the prepared data holds less than estimated
+            raise PrunectlError(studies.one_budget_line(problems))
     if dry_run:
         data_steps = [{"recipe": studies.recipe_path(study_file, entry), "run": ref} for entry, ref in zip(r.data, data_refs)]
         groups = list(studies.dry_run_groups(root, r, planned, executor, profile))
         if as_json:
-            print(json.dumps({"data": data_steps, "nodes": [n.model_dump() for n in planned.nodes],
+            print(json.dumps({"data": data_steps, "budgets": budget_rows, "nodes": [n.model_dump() for n in planned.nodes],
                               "arrays": [{"title": title, "nodes": [n.key for n in bucket], "batch_script": script}
                                          for title, bucket, script in groups]}, indent=1))
             return
         for step in data_steps:
             render.line(f"data: `prunectl data prepare {step['recipe']}` here, first ({step['run']})")
+        render.budgets(budget_rows)
         render.graph(views.graph_rows(root, planned.nodes, live=False))
         for title, bucket, script in groups:
             render.rule(title)

@@ -47,6 +47,9 @@ class SourceConfig(Strict):
     config: str | None = None
     split: str = "train"
     max_docs: int | None = Field(None, gt=0)
+    tokens_per_doc: float | None = Field(
+        None, gt=0, description="estimated tokens per document: with max_docs, a study checks its budgets against "
+                                "the ranges before the data is prepared (DCLM-Baseline, Llama-3.1 tokenizer: ~1,250)")
 
     @model_validator(mode="after")
     def _where(self) -> SourceConfig:
@@ -94,6 +97,13 @@ class DataConfig(Strict):
         if sum(ranges.values()) > 1 + 1e-9:
             raise ValueError(f"range shares add up to {sum(ranges.values()):.4g} > 1")
         return ranges
+
+    def estimated_tokens(self) -> dict[str, int] | None:
+        """Tokens each range will hold, estimated from max_docs x tokens_per_doc (None without both on every source)."""
+        if any(s.max_docs is None or s.tokens_per_doc is None for s in self.sources):
+            return None
+        total = sum(s.max_docs * s.tokens_per_doc for s in self.sources)
+        return {name: round(share * total) for name, share in self.ranges.items()}
 
     @model_validator(mode="after")
     def _ranges(self) -> DataConfig:
@@ -186,8 +196,9 @@ def _records(source: SourceConfig) -> Iterator[dict[str, Any]]:
     elif source.kind == "parquet":
         import pyarrow.parquet as pq
 
-        for path in _files(source):
-            yield from pq.read_table(path).to_pylist()
+        for path in _files(source):  # a row group at a time: a parquet file is never all in memory
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=[source.field, *source.group_by]):
+                yield from batch.to_pylist()
     else:
         yield from _hf_dataset(source)
 
@@ -200,7 +211,8 @@ def _hf_dataset(source: SourceConfig) -> Iterator[dict[str, Any]]:
             ds = datasets.load_from_disk(source.dataset)
             ds = ds[source.split] if isinstance(ds, datasets.DatasetDict) else ds
         else:
-            ds = datasets.load_dataset(source.dataset, source.config, split=source.split)
+            # streaming: records arrive as they are read, so max_docs stops the download too
+            ds = datasets.load_dataset(source.dataset, source.config, split=source.split, streaming=True)
     except Exception as err:  # datasets raises many types; the user needs one line
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = (

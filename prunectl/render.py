@@ -240,9 +240,22 @@ def runs_table(rows: Iterable[dict[str, Any]]) -> None:
     color = {"complete": "green", "failed": "red", "damaged": "red"}
     for r in rows:
         tokens = f"{r['tokens']:,}" if r["tokens"] else ""
+        if r["epochs"] and r["epochs"] > 1:  # allowed by train.allow_epochs: the data repeats
+            tokens += f" ({r['epochs']:.3g} epochs)"
         table.add_row(r["run"], r["stage"], f"[{color.get(r['status'], 'yellow')}]{r['state']}", r["job"],
                       r["slurm"] or "", *([r["owner"]] if owned else []), tokens, r["lr"],
                       (r["created"] or "").replace("T", " ")[:19], r["note"] or "")
+    console.print(table)
+
+
+def budgets(rows: list[dict[str, Any]]) -> None:
+    """Per data range: the tokens it holds against the most one run of the study reads from it."""
+    if not rows:
+        return
+    table = Table("data", "range", "holds", "reads (most)", "by", box=None, title="token budgets")
+    for r in rows:
+        holds = f"{'~' if r['estimated'] else ''}{r['holds']:,}"
+        table.add_row(r["data"], r["range"], holds, f"{r['reads']:,}", r["by"])
     console.print(table)
 
 

@@ -39,13 +39,14 @@ def run_rows(root: Path, names: list[str]) -> tuple[list[dict[str, Any]], str | 
                 slurm, unreachable = "unknown", str(e)
             rows.append({"run": run.ref, "stage": m.stage, "status": m.status, "state": state, "job": job, "slurm": slurm,
                          "owner": owner, "tokens": m.data.tokens if m.data else m.summary.get("tokens"),
+                         "epochs": m.data.epochs if m.data else None,
                          "lr": _lr(run, m), "created": m.created, "note": m.note})
     return rows, unreachable
 
 
 def _placeholder(run: store.Run, state: str, note: str) -> dict[str, Any]:
     return {"run": run.ref, "stage": "?", "status": state, "state": state, "job": "", "slurm": None, "owner": "",
-            "tokens": None, "lr": "", "created": None, "note": note}
+            "tokens": None, "epochs": None, "lr": "", "created": None, "note": note}
 
 
 def _lr(run: store.Run, m: store.Manifest) -> str:

@@ -191,6 +191,52 @@ def dry_run_groups(root: Path, study, planned: Planner, executor: str, profile: 
             yield title, bucket, script
 
 
+def budgets(root: Path, planned: Planner, data_recipes: list) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per data range: the tokens it holds (estimated from its recipe before it is prepared) against the most any
+    training run of the study reads from it; and one line per run whose budget exceeds its ranges."""
+    from .artifacts import DataMeta
+
+    estimates = {d.name: d.data.estimated_tokens() for d in data_recipes}
+    holds_of: dict[str, tuple[dict[str, int] | None, bool]] = {}
+
+    def holds(ref: str) -> tuple[dict[str, int] | None, bool]:
+        if ref not in holds_of:
+            if ref.endswith("@vNNN"):
+                holds_of[ref] = (estimates.get(ref.split("@")[0]), True)
+            else:
+                meta = DataMeta.read(store.resolve(root, ref).dir)
+                holds_of[ref] = ({name: r.tokens for name, r in meta.ranges.items()}, False)
+        return holds_of[ref]
+
+    parent_data = None
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    problems = []
+    for n in planned.nodes:
+        if n.stage not in ("pretrain", "retrain") or n.group == "sweep":  # a sweep is checked by its full run
+            continue
+        r = recipes.resolve(n.source, n.overrides)
+        data = getattr(r, "data", None) or parent_data
+        parent_data = parent_data or data
+        have, estimated = holds(data) if data else (None, True)
+        if have is None or any(name not in have for name in r.train.data_ranges):
+            continue  # unknown until prepared; the run's own check sees it
+        if (problem := r.train.budget_problem(n.ref, data, have, estimated)) is not None:
+            problems.append(problem)
+        read, _ = r.train.reads(have)
+        for name, tokens in read.items():
+            row = rows.setdefault((data, name), {"data": data, "range": name, "holds": have[name],
+                                                 "estimated": estimated, "reads": 0, "by": ""})
+            if tokens > row["reads"] or (tokens == row["reads"] and not row["by"]):
+                row.update(reads=tokens, by=n.ref)
+    return list(rows.values()), problems
+
+
+def one_budget_line(problems: list[str]) -> str:
+    more = len(problems) - 1
+    return problems[0] + (f" (and {more} more run{'s' if more > 1 else ''} of this study; --dry-run shows the "
+                          "token budgets)" if more else "")
+
+
 def check_ready(root: Path, planned: Planner, profile: str | None) -> None:
     """Check now what can be checked (nodes whose inputs all exist); each job checks the rest when it starts."""
     for n in planned.nodes:

@@ -59,6 +59,8 @@ class TrainConfig(Strict):
     eval_tokens: int = Field(65_536, ge=2)
     log_every: int = Field(10, ge=1)
     seed: int = Field(0, ge=0)
+    allow_epochs: bool = Field(False, description="let the budget exceed what the ranges hold (repeat the data); "
+                                                  "otherwise such a run is refused at submission")
 
     @model_validator(mode="after")
     def _batches(self) -> TrainConfig:
@@ -75,6 +77,28 @@ class TrainConfig(Strict):
         if self.prefix_tokens is not None and self.prefix_tokens > self.tokens:
             raise ValueError(f"prefix_tokens={self.prefix_tokens} exceeds the budget tokens={self.tokens}")
         return self
+
+    def reads(self, holds: dict[str, int]) -> tuple[dict[str, int], float]:
+        """The tokens the full budget reads from each range, given the tokens each range holds, and the
+        epochs over them (> 1: the data repeats). Sequences are whole seq_len chunks, filled in range order."""
+        chunks = {name: min(holds[name], self.range_tokens.get(name, holds[name])) // self.seq_len
+                  for name in self.data_ranges}
+        need, total = self.steps * self.global_batch, sum(chunks.values())
+        read, left = {}, min(need, total)  # past one epoch every chunk is read (again)
+        for name, n in chunks.items():
+            read[name] = min(n, left) * self.seq_len
+            left -= min(n, left)
+        return read, (need / total if total else math.inf)
+
+    def budget_problem(self, run: str, data: str, holds: dict[str, int], estimated: bool = False) -> str | None:
+        """One line when the full budget needs more tokens than the ranges hold (and repeating is not allowed)."""
+        read, epochs = self.reads(holds)
+        if epochs <= 1 or self.allow_epochs:
+            return None
+        have = sum(min(holds[n], self.range_tokens.get(n, holds[n])) for n in self.data_ranges)
+        return (f"train.tokens: {run} trains on {self.tokens:,} tokens but range {'+'.join(self.data_ranges)} of {data} "
+                f"holds {'about ' if estimated else ''}{have:,} ({epochs:.2f} epochs); prepare more data, lower "
+                "train.tokens, or set train.allow_epochs=true to repeat it")
 
     @property
     def steps(self) -> int:

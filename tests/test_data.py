@@ -107,3 +107,21 @@ def test_preparing_the_same_recipe_again_is_a_no_op(workspace):
     out = prunectl("data", "prepare", str(workspace["recipes"] / "data.yaml"), env=workspace["env"])
     assert "test-data@v001 already holds this exact recipe" in out.stdout
     assert not (workspace["runs"] / "test-data" / "v002").exists()
+
+
+def test_an_hf_source_streams_and_max_docs_stops_reading(tmp_path, monkeypatch):
+    import datasets
+
+    from prunectl.data import DataConfig, SourceConfig, read_documents
+
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "data" / "train-00000.jsonl", "w") as handle:
+        for i in range(1000):
+            handle.write(json.dumps({"text": f"document {i} " * 30}) + "\n")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    loaded = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: loaded.append(k) or real(*a, **k))
+    config = DataConfig(sources=[SourceConfig(kind="hf", dataset=str(tmp_path), max_docs=7)], doc_chars=100_000)
+    docs = read_documents(config)
+    assert len(docs) == 7 and docs[0].startswith("document 0 ") and loaded[0]["streaming"] is True

@@ -175,6 +175,10 @@ def check_train(r: TrainRecipe, data_run, meta: DataMeta | None, res: Resources,
             if name in meta.ranges and n > meta.ranges[name].tokens:
                 problems.append(f"train.range_tokens: {n:,} tokens of '{name}' asked, but {data_run.ref}'s holds "
                                 f"{meta.ranges[name].tokens:,}")
+        if not missing:
+            holds = {name: meta.ranges[name].tokens for name in t.data_ranges}
+            if (problem := t.budget_problem(r.name, data_run.ref, holds)) is not None:
+                problems.append(problem)
         have = meta.tokenizer.vocab_size
         if vocab is not None and vocab < have:
             problems.append(f"vocabulary: the model has {vocab:,} entries, fewer than {data_run.ref}'s tokenizer ({have:,})")
