@@ -204,8 +204,12 @@ def budgets(root: Path, planned: Planner, data_recipes: list) -> tuple[list[dict
             if ref.endswith("@vNNN"):
                 holds_of[ref] = (estimates.get(ref.split("@")[0]), True)
             else:
-                meta = DataMeta.read(store.resolve(root, ref).dir)
-                holds_of[ref] = ({name: r.tokens for name, r in meta.ranges.items()}, False)
+                try:
+                    meta = DataMeta.read(store.resolve(root, ref).dir)
+                except PrunectlError:  # not prepared (yet): the run's own check says so when it can
+                    holds_of[ref] = (None, True)
+                else:
+                    holds_of[ref] = ({name: r.tokens for name, r in meta.ranges.items()}, False)
         return holds_of[ref]
 
     parent_data = None
