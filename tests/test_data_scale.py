@@ -88,6 +88,19 @@ def test_saved_dataset_units_are_row_blocks(tmp_path, monkeypatch):
     assert data.read_documents(config) == [r["text"] for r in rows]
 
 
+def test_a_streamed_dataset_has_a_unit_per_shard(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "data").mkdir()
+    for f in range(3):  # a local dataset of three files: three streaming shards
+        (tmp_path / "data" / f"train-{f:05d}.jsonl").write_text(
+            "".join(json.dumps({"text": f"file {f} document {i}"}) + "\n" for i in range(4)))
+    config = data.DataConfig(sources=[data.SourceConfig(kind="hf", dataset=str(tmp_path), max_docs=7)])
+    found = data.units(config)
+    assert [(u.where, u.max_docs) for u in found] == [(("shard", 0, 3), 3), (("shard", 1, 3), 2), (("shard", 2, 3), 2)]
+    assert sorted(data.read_documents(config)) == sorted(
+        [f"file 0 document {i}" for i in range(3)] + [f"file {f} document {i}" for f in (1, 2) for i in range(2)])
+
+
 def test_a_failed_task_is_resumed_without_redoing_its_finished_units(tmp_path, monkeypatch):
     corpus = _corpus(tmp_path / "corpus")
     recipe = resolve(str(_recipe(tmp_path, corpus)), ["data.workers=2"])
