@@ -157,11 +157,18 @@ def test_two_tokenize_tasks_run_as_one_slurm_array(tmp_path):
         pytest.skip("no local Slurm cluster (bash slurm/local-cluster.sh up)")
     recipe = _recipe(tmp_path, _corpus(tmp_path / "corpus"))
     env = {**os.environ, "PRUNECTL_RUNS": str(tmp_path / "runs")}
-    prunectl("data", "prepare", str(recipe), "data.workers=2", "--executor", "slurm", "--profile", "local", "--wait",
-             env=env)
+    args = ("data", "prepare", str(recipe), "data.workers=2", "--executor", "slurm", "--profile", "local", "--wait")
+    out = prunectl(*args, env={**env, data.STOP_ENV: "1"}, check=False)  # both tasks fail after their first unit
+    assert out.returncode == 1 and manifest(tmp_path / "runs", "scale")["status"] == "failed"
+    finalize = manifest(tmp_path / "runs", "scale")["job_ids"][-1]
+    squeue = subprocess.run(["squeue", "-h", "-j", finalize], capture_output=True, text=True)
+    assert finalize not in squeue.stdout  # cancelled with its failed dependency, not pending for ever
+
+    out = prunectl(*args, env=env)
+    assert "resuming scale@v001" in out.stdout
     m = manifest(tmp_path / "runs", "scale")
     assert m["status"] == "complete" and m["executor"] == "slurm"
-    tokenizer, *tasks, finalize = m["job_ids"]
+    tokenizer, *tasks, finalize = m["job_ids"][-4:]
     array = tasks[0].split("_")[0]
     assert tokenizer.isdigit() and finalize.isdigit() and tasks == [f"{array}_0", f"{array}_1"]
     reference = tmp_path / "reference"
