@@ -2,7 +2,7 @@
 
 | file                         | model          | written by            | read by                                 |
 |------------------------------|----------------|-----------------------|-----------------------------------------|
-| <data run>/data.json         | DataMeta       | data.prepare          | TokenStream, every stage's check        |
+| <data run>/data.json         | DataMeta       | data.finalize         | TokenStream, every stage's check        |
 | <prune run>/report.json      | PruneReport    | the prune stage       | render, study/compare                   |
 | <run>/eval/<key>.json        | EvalResults    | the eval stage        | compare                                 |
 | <study run>/graph.json       | StudyGraph     | study.submit          | status, compare, the study's compare job|
@@ -69,11 +69,17 @@ class Artifact(BaseModel):
 # ---------------------------------------------------------------------------- data.json
 
 
+class TokenFile(BaseModel):
+    file: str  # relative to the data run
+    tokens: int
+
+
 class RangeInfo(BaseModel):
     start: int
     end: int
     docs: int
     chars: int
+    files: list[TokenFile] = Field(default_factory=list)  # schema 2: this range's unit files, in unit order
 
     @property
     def tokens(self) -> int:
@@ -89,12 +95,17 @@ class TokenizerInfo(BaseModel):
 
 
 class DataMeta(Artifact):
-    """A prepared data run: shards of one token stream and its named disjoint ranges."""
+    """A prepared data run: one token stream and its named disjoint ranges.
 
+    Schema 2: each range lists its own files (tokens/<range>/<unit>.bin), the ranges one after another in
+    recipe order. Schema 1 (older runs, still read): `shards`, tokens/00000.bin... of `shard_tokens` each."""
+
+    SCHEMA: ClassVar[int] = 2
     FILE: ClassVar[str] = "data.json"
     dtype: str
-    shard_tokens: int
-    shards: list[int]
+    shard_tokens: int | None = None
+    shards: list[int] | None = None
+    units: int | None = None
     total_tokens: int
     ranges: dict[str, RangeInfo]
     tokenizer: TokenizerInfo
@@ -102,6 +113,13 @@ class DataMeta(Artifact):
     unigram_entropy_nats: float
     seed: int
     choice_task: dict[str, Any] | None = None
+
+    def token_files(self) -> list[tuple[str, int]]:
+        """(path relative to the run, tokens) of every token file, in stream order."""
+        if self.shards is not None:
+            return [(f"tokens/{i:05d}.bin", n) for i, n in enumerate(self.shards)]
+        ordered = sorted(self.ranges.values(), key=lambda r: r.start)
+        return [(f.file, f.tokens) for r in ordered for f in r.files]
 
     def summary(self) -> DataSummary:
         return DataSummary(tokens=self.total_tokens, documents=self.documents, vocab_size=self.tokenizer.vocab_size,

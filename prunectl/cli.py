@@ -30,6 +30,7 @@ from . import launch, render, store, submission
 from . import status as views
 from . import recipe as recipes
 from . import study as studies
+from .artifacts import DataMeta
 from .errors import PrunectlError, RunFailed
 from .render import console, err_console
 from .stages import compare as compare_stage
@@ -102,18 +103,31 @@ def data_prepare(
     overrides: Overrides = None,
     runs_dir: RunsDir = None,
     force: Annotated[bool, typer.Option("--force", help="prepare a new version even if an identical one exists")] = False,
+    executor: ExecutorOpt = "local",
+    profile: Profile = None,
+    wait: Wait = False,
+    new: New = False,
 ) -> None:
-    """Tokenize the recipe's corpora into shards with pretrain/retrain/validation ranges (runs here)."""
+    """Tokenize the recipe's corpora into token files with pretrain/retrain/validation ranges: a tokenizer job,
+    an array of data.workers tokenize tasks, a finalize job (a rerun resumes an interrupted version)."""
     r = submission.resolve_as("data", recipe, overrides or [])
     root = store.runs_root(runs_dir)
     done = data_stage.prepared(root, r)
     if done and not force:
         console.print(f"{done.ref} already holds this exact recipe ({done.dir}); --force prepares it again")
         return
-    data_stage.check(r)  # sources readable and parseable: refused before a bar or a directory appears
-    with render.progress_bar() as progress:
-        run, meta = data_stage.run(root, r, progress)
-    render.data_prepared(run, meta)
+    run, jobs = submission.submit_data(root, r, executor, profile, new, render.line)
+    if executor == "slurm" and not wait:
+        return
+    if executor == "slurm":
+        render.follow(run, jobs[-1])
+        submission.settle(run, jobs[-1])
+    _reraise_debug(executor, jobs)
+    if run.is_complete():
+        render.data_prepared(run, DataMeta.read(run.dir))
+    else:
+        render.outcome(run)
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------------- pretrain, retrain, prune
@@ -444,8 +458,9 @@ def status(
         render.warn(f"[yellow]job states of running Slurm jobs are unknown[/]: {unreachable}")
 
 
-class Stopped(Exception):
-    """SIGTERM or SIGUSR2 to the CLI while it works here: a run it writes is marked failed on the way out."""
+class Stopped(BaseException):
+    """SIGTERM or SIGUSR2 to the CLI while it works here: a run it writes is marked failed on the way out. Like
+    KeyboardInterrupt, no `except Exception` swallows it."""
 
 
 def _stopped(signum, frame) -> None:

@@ -1,17 +1,22 @@
 """Corpora -> tokenizer -> memory-mapped token shards with named, disjoint ranges; deterministic sampling.
 
-`data prepare` shuffles whole documents with a seed, deals them into the named ranges by
-character share (so no document straddles two ranges), trains or loads the tokenizer on the
-pretrain documents only, and writes the ranges one after another into uint16/uint32 shards.
+`data prepare` streams documents in work units (a file, an HF streaming shard, a block of rows of a
+saved dataset) and puts each whole document in the range a keyed hash of its text picks (so no document
+straddles two ranges, and the ranges do not depend on how the work is split or ordered). The tokenizer is
+trained (or loaded) on a bounded sample of the pretrain range; each unit writes tokens/<range>/<unit>.bin;
+data.json lists, per range, its unit files in unit order: the ranges one after another form one token stream.
 A training run draws sequences of seq_len tokens from a prefix of its ranges in an order that
 is a pure function of (seed, ranges, budget, step), so resuming continues exactly.
 """
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import glob
+import hashlib
 import importlib.util
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -64,6 +69,8 @@ class TokenizerConfig(Strict):
     kind: Literal["bpe", "hf"] = "bpe"
     path: str | None = Field(None, description="hf: a local tokenizer directory or a hub id")
     vocab_size: int = Field(4096, ge=259, le=1 << 20, description="bpe: vocabulary size to train")
+    sample_chars: int = Field(50_000_000, ge=1000, description="bpe: trained on the first this many characters of "
+                                                               "pretrain documents, in unit order")
 
     @model_validator(mode="after")
     def _hf_needs_path(self) -> TokenizerConfig:
@@ -77,11 +84,13 @@ class DataConfig(Strict):
     tokenizer: TokenizerConfig = TokenizerConfig()
     ranges: dict[str, float] = Field(
         default_factory=lambda: {"validation": 0.02, "calibration": 0.02, "retrain": 0.2, "pretrain": 0.76},
-        description="range name -> share of the text, dealt in this order after the document shuffle",
+        description="range name -> share of the documents: a keyed hash of each document's text in [0, 1) against "
+                    "the cumulative shares in this order (beyond their sum: unused)",
     )
     doc_chars: int = Field(20_000, ge=100, description="long texts are cut into documents of about this size")
     seed: int = Field(0, ge=0)
-    shard_tokens: int = Field(1 << 24, ge=1024)
+    shard_tokens: int = Field(1 << 24, ge=1024, description="unused since data.json schema 2 (one file per range and unit)")
+    workers: int = Field(1, ge=1, description="tokenize tasks: one job array of this many tasks")
     choice_task: ChoiceTaskConfig | None = Field(
         ChoiceTaskConfig(), description="a local multiple-choice task built from held-out text (tasks/continuation.jsonl)")
     role: Literal["corpus", "calibration"] = Field(
@@ -137,11 +146,11 @@ def _files(source: SourceConfig) -> list[Path]:
     return paths
 
 
-def _cut(text: str, doc_chars: int) -> Iterator[str]:
-    """Split a long text at blank lines into documents of roughly doc_chars characters."""
+def _cut(paragraphs: Iterator[str], doc_chars: int) -> Iterator[str]:
+    """Join paragraphs into documents of roughly doc_chars characters."""
     buf: list[str] = []
     size = 0
-    for para in text.split("\n\n"):
+    for para in paragraphs:
         para = para.strip()
         if not para:
             continue
@@ -152,6 +161,20 @@ def _cut(text: str, doc_chars: int) -> Iterator[str]:
             buf, size = [], 0
     if buf:
         yield "\n\n".join(buf)
+
+
+def _paragraphs(path: Path) -> Iterator[str]:
+    """A text file's paragraphs (split at blank lines), a line at a time: the file is never all in memory."""
+    with open(path, errors="replace") as handle:
+        lines: list[str] = []
+        for line in handle:
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                yield "".join(lines)
+                lines = []
+        if lines:
+            yield "".join(lines)
 
 
 def _grouped(records: Iterator[dict[str, Any]], field: str, group_by: list[str]) -> Iterator[str]:
@@ -189,30 +212,78 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield number, record
 
 
-def _records(source: SourceConfig) -> Iterator[dict[str, Any]]:
+HF_BLOCK_ROWS = 65_536  # a saved dataset's work unit: rows, memory-mapped by datasets
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: ("file", path) | ("rows", start, stop) of a saved dataset | ("shard", index, count) of a
+    streamed one; it yields at most `max_docs` documents (its even share of its source's max_docs)."""
+
+    source: int
+    where: tuple
+    max_docs: int | None
+
+
+def units(config: DataConfig) -> list[Unit]:
+    """Every source's units, in recipe order; the same list on every machine that reads the same inputs."""
+    out = []
+    for s, source in enumerate(config.sources):
+        parts = _parts(source)
+        m, n = source.max_docs, len(parts)
+        out += [Unit(s, where, None if m is None else m // n + (i < m % n)) for i, where in enumerate(parts)]
+    return out
+
+
+def _parts(source: SourceConfig) -> list[tuple]:
+    if source.kind != "hf":
+        return [("file", str(p)) for p in _files(source)]
+    ds, saved = _hf_open(source)
+    if saved:
+        return [("rows", a, min(a + HF_BLOCK_ROWS, len(ds))) for a in range(0, len(ds), HF_BLOCK_ROWS)]
+    return [("shard", i, ds.n_shards) for i in range(ds.n_shards)]
+
+
+def unit_documents(config: DataConfig, unit: Unit) -> Iterator[str]:
+    """The unit's documents, lazily; reading stops at its max_docs."""
+    source = config.sources[unit.source]
+    if source.kind == "text":
+        found = _cut(_paragraphs(Path(unit.where[1])), config.doc_chars)
+    else:
+        texts = _grouped(_unit_records(source, unit.where), source.field, source.group_by)
+        found = (d for text in texts for d in _cut(iter(text.split("\n\n")), config.doc_chars))
+    return itertools.islice(found, unit.max_docs)
+
+
+def _unit_records(source: SourceConfig, where: tuple) -> Iterator[dict[str, Any]]:
     if source.kind == "jsonl":
-        for path in _files(source):
-            yield from (record for _, record in _jsonl(path))
+        yield from (record for _, record in _jsonl(Path(where[1])))
     elif source.kind == "parquet":
         import pyarrow.parquet as pq
 
-        for path in _files(source):  # a row group at a time: a parquet file is never all in memory
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=[source.field, *source.group_by]):
-                yield from batch.to_pylist()
+        # a row group at a time: a parquet file is never all in memory
+        for batch in pq.ParquetFile(where[1]).iter_batches(batch_size=1024, columns=[source.field, *source.group_by]):
+            yield from batch.to_pylist()
+    elif where[0] == "rows":
+        ds, _ = _hf_open(source)
+        for a in range(where[1], where[2], 1024):
+            block = ds[a : min(a + 1024, where[2])]
+            yield from (dict(zip(block, values)) for values in zip(*block.values()))
     else:
-        yield from _hf_dataset(source)
+        ds, _ = _hf_open(source)
+        yield from ds.shard(num_shards=where[2], index=where[1])
 
 
-def _hf_dataset(source: SourceConfig) -> Iterator[dict[str, Any]]:
+def _hf_open(source: SourceConfig):
+    """(dataset, saved): a saved dataset directory (memory-mapped), else a streamed hub/local dataset."""
     import datasets
 
     try:
         if Path(source.dataset).is_dir() and (Path(source.dataset) / "dataset_info.json").exists():
             ds = datasets.load_from_disk(source.dataset)
-            ds = ds[source.split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            # streaming: records arrive as they are read, so max_docs stops the download too
-            ds = datasets.load_dataset(source.dataset, source.config, split=source.split, streaming=True)
+            return (ds[source.split] if isinstance(ds, datasets.DatasetDict) else ds), True
+        # streaming: records arrive as they are read, so max_docs stops the download too
+        return datasets.load_dataset(source.dataset, source.config, split=source.split, streaming=True), False
     except Exception as err:  # datasets raises many types; the user needs one line
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = (
@@ -221,7 +292,6 @@ def _hf_dataset(source: SourceConfig) -> Iterator[dict[str, Any]]:
             else "check the dataset id, config and split"
         )
         raise PrunectlError(f"data.sources: cannot load dataset '{source.dataset}' ({type(err).__name__}): {hint}") from None
-    yield from ds
 
 
 def check_sources(config: DataConfig, records: int = 8) -> None:
@@ -269,59 +339,55 @@ def _check_file(source: SourceConfig, path: Path, records: int) -> None:
 
 
 def read_documents(config: DataConfig) -> list[str]:
-    docs: list[str] = []
-    for source in config.sources:
-        if source.kind == "text":
-            found = (d for p in _files(source) for d in _cut(p.read_text(errors="replace"), config.doc_chars))
-        else:
-            found = (
-                d
-                for text in _grouped(_records(source), source.field, source.group_by)
-                for d in _cut(text, config.doc_chars)
-            )
-        for i, doc in enumerate(found):
-            if source.max_docs is not None and i >= source.max_docs:
-                break
-            docs.append(doc)
+    """Every document in a list (small corpora, tests and benchmarks; `prepare` streams units instead)."""
+    docs = [d for unit in units(config) for d in unit_documents(config, unit)]
     if not docs:
         raise PrunectlError("data.sources: the sources hold no text")
     return docs
 
 
+def range_of(text: str, seed: int, bounds: list[float]) -> int | None:
+    """The index of the range a document belongs to: a keyed hash of its text in [0, 1) against the
+    cumulative shares, so it depends on nothing but (seed, text, shares); None beyond their sum."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=seed.to_bytes(8, "little"))
+    i = bisect.bisect_right(bounds, int.from_bytes(digest.digest(), "little") / 2**64)
+    return i if i < len(bounds) else None
+
+
+def cumulative(shares: dict[str, float]) -> list[float]:
+    return list(itertools.accumulate(shares.values()))
+
+
 def deal_ranges(docs: list[str], shares: dict[str, float], seed: int) -> dict[str, list[str]]:
-    """Shuffle whole documents and deal them into ranges by character share, in recipe order."""
-    order = np.random.default_rng(seed).permutation(len(docs))
-    total = sum(len(d) for d in docs)
+    """Each whole document into its range (`range_of`), keeping their order."""
+    bounds, names = cumulative(shares), list(shares)
     out: dict[str, list[str]] = {name: [] for name in shares}
-    names = list(shares)
-    cum_target = np.cumsum([shares[n] * total for n in names])
-    filled, slot = 0, 0
-    for idx in order:
-        while slot < len(names) - 1 and filled >= cum_target[slot]:
-            slot += 1
-        if filled >= cum_target[-1]:
-            break
-        out[names[slot]].append(docs[idx])
-        filled += len(docs[idx])
-    empty = [n for n, d in out.items() if not d]
+    for doc in docs:
+        if (i := range_of(doc, seed, bounds)) is not None:
+            out[names[i]].append(doc)
+    _no_empty({n: len(d) for n, d in out.items()}, len(docs))
+    return out
+
+
+def _no_empty(docs: dict[str, int], total: int) -> None:
+    empty = [n for n, d in docs.items() if not d]
     if empty:
         raise PrunectlError(
-            f"data.ranges: {', '.join(empty)} got no document ({len(docs)} documents in all); "
+            f"data.ranges: {', '.join(empty)} got no document ({total} documents in all); "
             "add text, lower data.doc_chars or raise those shares"
         )
-    return out
 
 
 # ---------------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer(config: TokenizerConfig, training_docs: list[str]):
+def build_tokenizer(config: TokenizerConfig, training_docs: Iterator[str]):
     """A transformers fast tokenizer: a byte-level BPE trained on `training_docs`, or a given one."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if config.kind == "hf":
         try:
-            return AutoTokenizer.from_pretrained(config.path)
+            return AutoTokenizer.from_pretrained(config.path, use_fast=True)
         except (OSError, ValueError) as err:
             raise PrunectlError(f"data.tokenizer.path: cannot load tokenizer '{config.path}': {err}".splitlines()[0]) from None
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -344,7 +410,8 @@ def build_tokenizer(config: TokenizerConfig, training_docs: list[str]):
 
 
 def encode(tokenizer, docs: list[str], batch: int = 256) -> Iterator[np.ndarray]:
-    """Each document as BOS + tokens + EOS (whichever of the two the tokenizer has)."""
+    """Each document as BOS + tokens + EOS (whichever of the two the tokenizer has), a batch per call
+    of the fast (Rust) tokenizer."""
     head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     tail = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for i in range(0, len(docs), batch):
@@ -352,37 +419,181 @@ def encode(tokenizer, docs: list[str], batch: int = 256) -> Iterator[np.ndarray]
             yield np.asarray(head + ids + tail, dtype=np.int64)
 
 
-# ---------------------------------------------------------------------------- shards
+def _sample(config: DataConfig) -> Iterator[str]:
+    """The BPE's training text: pretrain documents in unit order, up to sample_chars characters."""
+    bounds, target = cumulative(config.ranges), list(config.ranges).index("pretrain")
+    left = config.tokenizer.sample_chars
+    for unit in units(config):
+        for doc in unit_documents(config, unit):
+            if range_of(doc, config.seed, bounds) == target:
+                yield doc
+                left -= len(doc)
+                if left <= 0:
+                    return
 
 
-class ShardWriter:
-    def __init__(self, folder: Path, dtype: np.dtype, shard_tokens: int) -> None:
-        self.folder, self.dtype, self.shard_tokens = folder, dtype, shard_tokens
-        folder.mkdir(parents=True, exist_ok=True)
-        self.sizes: list[int] = []
-        self._handle = None
-        self.total = 0
+def write_tokenizer(config: DataConfig, out: Path) -> None:
+    """Phase 1: tokenizer/ (kept by a rerun: it was renamed into place only once complete)."""
+    if (out / "tokenizer").is_dir():
+        return
+    tokenizer = build_tokenizer(config.tokenizer, _sample(config) if config.tokenizer.kind == "bpe" else iter(()))
+    staging = out / "tokenizer.partial"
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, out / "tokenizer")
 
-    def write(self, ids: np.ndarray) -> None:
-        ids = ids.astype(self.dtype)
-        while len(ids):
-            if self._handle is None or self.sizes[-1] == self.shard_tokens:
-                self._open_next()
-            room = self.shard_tokens - self.sizes[-1]
-            part, ids = ids[:room], ids[room:]
-            self._handle.write(part.tobytes())
-            self.sizes[-1] += len(part)
-            self.total += len(part)
 
-    def _open_next(self) -> None:
-        self.close()
-        self._handle = open(self.folder / f"{len(self.sizes):05d}.bin", "wb")
-        self.sizes.append(0)
+def load_tokenizer(out: Path):
+    from transformers import AutoTokenizer
 
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+    return AutoTokenizer.from_pretrained(out / "tokenizer", use_fast=True)
+
+
+def token_dtype(vocab: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32)
+
+
+def entropy_range(config: DataConfig) -> str:
+    return "pretrain" if "pretrain" in config.ranges else "calibration"
+
+
+CHOICE_DOCS_PER_UNIT = 256  # documents of the choice task's range a unit keeps for finalize
+CHOICE_DOCS = 4096  # and finalize gathers, in unit order
+STOP_ENV = "PRUNECTL_DATA_STOP_AFTER"  # tests: a task raises after this many units, as if killed
+
+
+def unit_record(out: Path, index: int) -> Path:
+    return out / "units" / f"{index:06d}.json"
+
+
+def tokenize_unit(config: DataConfig, tokenizer, index: int, unit: Unit, out: Path, batch: int = 256) -> None:
+    """Phase 2, one unit: tokens/<range>/<index>.bin per range it feeds (renamed into place when complete),
+    then its record, which marks it done: per-range counts, sparse unigram counts, choice documents."""
+    from .store import write_json
+
+    names, bounds, vocab = list(config.ranges), cumulative(config.ranges), len(tokenizer)
+    dtype, counted = token_dtype(vocab), entropy_range(config)
+    choice = config.choice_task.range if config.choice_task is not None else None
+    ranges = {name: {"docs": 0, "tokens": 0, "chars": 0} for name in names}
+    handles: dict[str, Any] = {}
+    unigram = np.zeros(vocab, dtype=np.int64)
+    chosen: list[str] = []
+    documents = 0
+    docs = unit_documents(config, unit)
+    try:
+        while texts := list(itertools.islice(docs, batch)):
+            documents += len(texts)
+            picked = [(names[i], t) for t in texts if (i := range_of(t, config.seed, bounds)) is not None]
+            seen = []
+            for (name, text), ids in zip(picked, encode(tokenizer, [t for _, t in picked], batch)):
+                if name not in handles:
+                    (out / "tokens" / name).mkdir(parents=True, exist_ok=True)
+                    handles[name] = open(out / "tokens" / name / f"{index:06d}.bin.partial", "wb")
+                handles[name].write(ids.astype(dtype).tobytes())
+                r = ranges[name]
+                r["docs"], r["tokens"], r["chars"] = r["docs"] + 1, r["tokens"] + len(ids), r["chars"] + len(text)
+                if name == counted:
+                    seen.append(ids)
+                if name == choice and len(chosen) < CHOICE_DOCS_PER_UNIT:
+                    chosen.append(text)
+            if seen:  # one bincount per batch: a large vocabulary costs per call, not per document
+                unigram += np.bincount(np.concatenate(seen), minlength=vocab)
+    except BaseException:
+        for name, handle in handles.items():  # a failed unit (a full disk) gives its space back
+            handle.close()
+            (out / "tokens" / name / f"{index:06d}.bin.partial").unlink(missing_ok=True)
+        raise
+    for handle in handles.values():
+        handle.close()
+    for name in handles:
+        os.replace(out / "tokens" / name / f"{index:06d}.bin.partial", out / "tokens" / name / f"{index:06d}.bin")
+    ids = np.flatnonzero(unigram)
+    write_json(unit_record(out, index), {
+        "documents": documents, "ranges": {n: r for n, r in ranges.items() if r["tokens"]},
+        "unigram": {"ids": ids.tolist(), "counts": unigram[ids].tolist()}, "choice_docs": chosen})
+
+
+def tokenize_task(config: DataConfig, out: Path, task: int, tasks: int) -> int:
+    """Phase 2, task `task` of `tasks`: units u with u % tasks == task that have no record yet. Returns how many
+    it tokenized."""
+    todo = [(u, unit) for u, unit in enumerate(units(config)) if u % tasks == task and not unit_record(out, u).exists()]
+    if not todo:
+        return 0
+    tokenizer = load_tokenizer(out)
+    (out / "units").mkdir(exist_ok=True)
+    stop = int(os.environ.get(STOP_ENV, "0"))
+    for done, (u, unit) in enumerate(todo):
+        if stop and done == stop:
+            raise RuntimeError(f"{STOP_ENV}={stop}: stopped after {stop} unit(s)")
+        tokenize_unit(config, tokenizer, u, unit, out)
+    return len(todo)
+
+
+def finalize(config: DataConfig, out: Path) -> DataMeta:
+    """Phase 3: the ranges in recipe order, each its unit files in unit order (no copying); the unigram
+    entropy, the choice task, data.json."""
+    from .artifacts import DataMeta
+
+    tokenizer = load_tokenizer(out)
+    vocab, n = len(tokenizer), len(units(config))
+    missing = [u for u in range(n) if not unit_record(out, u).exists()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {n} units are not tokenized (first: {missing[0]}); run the prepare again")
+    unigram = np.zeros(vocab, dtype=np.int64)
+    ranges: dict[str, dict[str, Any]] = {name: {"docs": 0, "chars": 0, "files": []} for name in config.ranges}
+    choice_docs: list[str] = []
+    documents = 0
+    for u in range(n):  # one record at a time: finalize holds O(units) file names, never the documents
+        record = json.loads(unit_record(out, u).read_text())
+        documents += record["documents"]
+        for name, r in record["ranges"].items():
+            ranges[name]["docs"] += r["docs"]
+            ranges[name]["chars"] += r["chars"]
+            ranges[name]["files"].append({"file": f"tokens/{name}/{u:06d}.bin", "tokens": r["tokens"]})
+        np.add.at(unigram, np.asarray(record["unigram"]["ids"], dtype=np.int64), record["unigram"]["counts"])
+        choice_docs += record["choice_docs"][: CHOICE_DOCS - len(choice_docs)]
+    _no_empty({name: r["docs"] for name, r in ranges.items()}, documents)
+    pos = 0
+    for r in ranges.values():
+        r["start"] = pos
+        pos += sum(f["tokens"] for f in r["files"])
+        r["end"] = pos
+    p = unigram[unigram > 0] / unigram.sum()
+    meta: dict[str, Any] = {
+        "dtype": token_dtype(vocab).name,
+        "total_tokens": pos,
+        "ranges": ranges,
+        "units": n,
+        "tokenizer": {
+            "kind": config.tokenizer.kind,
+            "vocab_size": vocab,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        "documents": documents,
+        # The loss a model that knows only token frequencies reaches: the bar to clear.
+        "unigram_entropy_nats": float(-(p * np.log(p)).sum()),
+        "seed": config.seed,
+    }
+    if config.choice_task is not None and config.choice_task.range in ranges:
+        from .evaluate import choice_task
+
+        try:
+            items = choice_task.build(choice_docs, config.choice_task)
+        except ValueError as err:
+            raise PrunectlError(f"data.choice_task: {err}") from None
+        choice_task.write(items, out / "tasks" / "continuation.jsonl")
+        meta["choice_task"] = {"file": "tasks/continuation.jsonl", "items": len(items), **config.choice_task.model_dump()}
+    typed = DataMeta.model_validate(meta)
+    typed.write(out)
+    return typed
+
+
+def prepare(config: DataConfig, out: Path) -> DataMeta:
+    """All three phases here, in one process (tests, benchmarks): tokenizer, every unit, finalize."""
+    write_tokenizer(config, out)
+    tokenize_task(config, out, 0, 1)
+    return finalize(config, out)
 
 
 @dataclass(frozen=True)
@@ -404,19 +615,23 @@ class TokenRange:
 
 
 class TokenStream:
-    """Read-only view of a prepared data run's token shards."""
+    """Read-only view of a prepared data run's token files, as one stream (the ranges one after another)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         from .artifacts import DataMeta
 
         self.meta = DataMeta.read(self.folder)
-        dtype = np.dtype(self.meta.dtype)
-        self.shards = [
-            np.memmap(self.folder / "tokens" / f"{i:05d}.bin", dtype=dtype, mode="r", shape=(n,))
-            for i, n in enumerate(self.meta.shards)
-        ]
-        self.bounds = np.concatenate([[0], np.cumsum(self.meta.shards)])
+        self.dtype = np.dtype(self.meta.dtype)
+        self.files = self.meta.token_files()
+        self.sizes = [n for _, n in self.files]
+        self.bounds = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
+        self._maps: dict[int, np.memmap] = {}  # mapped on first read: a run may have thousands of files
+
+    def _map(self, i: int) -> np.memmap:
+        if i not in self._maps:
+            self._maps[i] = np.memmap(self.folder / self.files[i][0], dtype=self.dtype, mode="r", shape=(self.sizes[i],))
+        return self._maps[i]
 
     @property
     def vocab_size(self) -> int:
@@ -434,96 +649,15 @@ class TokenStream:
     def read(self, start: int, length: int) -> np.ndarray:
         out = np.empty(length, dtype=np.int64)
         pos, filled = start, 0
-        shard = int(np.searchsorted(self.bounds, start, side="right") - 1)
+        i = int(np.searchsorted(self.bounds, start, side="right") - 1)
         while filled < length:
-            offset = pos - self.bounds[shard]
-            take = min(length - filled, self.meta.shards[shard] - offset)
-            out[filled : filled + take] = self.shards[shard][offset : offset + take]
+            offset = pos - self.bounds[i]
+            take = min(length - filled, self.sizes[i] - offset)
+            out[filled : filled + take] = self._map(i)[offset : offset + take]
             filled += take
             pos += take
-            shard += 1
+            i += 1
         return out
-
-
-@dataclass
-class Plan:
-    """What `prepare` writes, decided in memory: every user error is found before a file is written."""
-
-    docs: int
-    dealt: dict[str, list[str]]
-    tokenizer: Any
-    choice_items: list[dict] | None
-
-
-def plan(config: DataConfig) -> Plan:
-    docs = read_documents(config)
-    dealt = deal_ranges(docs, config.ranges, config.seed)
-    tokenizer = build_tokenizer(config.tokenizer, dealt.get("pretrain", []))
-    items = None
-    if config.choice_task is not None and config.choice_task.range in dealt:
-        from .evaluate import choice_task
-
-        try:
-            items = choice_task.build(dealt[config.choice_task.range], config.choice_task)
-        except ValueError as err:
-            raise PrunectlError(f"data.choice_task: {err}") from None
-    return Plan(len(docs), dealt, tokenizer, items)
-
-
-def prepare(config: DataConfig, out: Path, progress=None, planned: Plan | None = None) -> DataMeta:
-    """Write tokenizer/, tokens/*.bin and data.json into `out` (from `planned`, else planned here)."""
-    planned = planned or plan(config)
-    dealt, tokenizer = planned.dealt, planned.tokenizer
-    tokenizer.save_pretrained(out / "tokenizer")
-    vocab = len(tokenizer)
-    dtype = np.dtype(np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32)
-    writer = ShardWriter(out / "tokens", dtype, config.shard_tokens)
-    ranges: dict[str, dict[str, int]] = {}
-    counts = np.zeros(vocab, dtype=np.int64)
-    task = progress.add_task("tokenizing", total=planned.docs) if progress else None
-    try:
-        for name, range_docs in dealt.items():
-            start = writer.total
-            for ids in encode(tokenizer, range_docs):
-                writer.write(ids)
-                if name == ("pretrain" if "pretrain" in dealt else "calibration"):
-                    counts += np.bincount(ids, minlength=vocab)
-                if progress:
-                    progress.advance(task)
-            ranges[name] = {"start": start, "end": writer.total, "docs": len(range_docs), "chars": sum(map(len, range_docs))}
-    finally:
-        writer.close()  # a failed write (disk full) must not leave the shard open while the run is cleaned up
-    p = counts[counts > 0] / counts.sum()
-    entropy = float(-(p * np.log(p)).sum())
-    meta = {
-        "dtype": dtype.name,
-        "shard_tokens": config.shard_tokens,
-        "shards": writer.sizes,
-        "total_tokens": writer.total,
-        "ranges": ranges,
-        "tokenizer": {
-            "kind": config.tokenizer.kind,
-            "vocab_size": vocab,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        "documents": planned.docs,
-        # The loss a model that knows only token frequencies reaches: the bar to clear.
-        "unigram_entropy_nats": entropy,
-        "seed": config.seed,
-    }
-    if planned.choice_items is not None:
-        from .evaluate import choice_task
-
-        choice_task.write(planned.choice_items, out / "tasks" / "continuation.jsonl")
-        meta["choice_task"] = {"file": "tasks/continuation.jsonl", "items": len(planned.choice_items),
-                               **config.choice_task.model_dump()}
-    from .artifacts import DataMeta
-
-    typed = DataMeta.model_validate(meta)
-    typed.write(out)
-    return typed
 
 
 # ---------------------------------------------------------------------------- sampling

@@ -135,6 +135,8 @@ def make_executor(kind: Executor, folder: Path, res: Resources, name: str, depen
         )
         if dependency:  # a study's later stages: start once their inputs' jobs have ended, then check them
             params["dependency"] = dependency
+            if dependency.startswith("afterok"):  # a failed predecessor cancels the job instead of leaving it pending
+                params["additional_parameters"] = {"kill-on-invalid-dep": "yes"}
         if res.gpus_per_node:
             params["gpus_per_node"] = res.gpus_per_node
         if res.mem_gb:

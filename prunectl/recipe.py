@@ -76,6 +76,7 @@ class DataRecipe(Strict):
     stage: Literal["data"]
     description: str = ""
     data: DataConfig
+    launch: LaunchConfig = LaunchConfig()  # each phase's job; the tokenize array has data.workers tasks
 
 
 class PretrainRecipe(Strict):

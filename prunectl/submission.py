@@ -6,7 +6,9 @@ nothing here prints (the CLI renders what `plan` and `submit` return).
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,3 +161,90 @@ def settle(run: store.Run, job) -> store.Manifest | None:
 def submit_error(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[-1] if text else type(err).__name__
+
+
+def submit_data(root: Path, r, executor: str, profile: str | None, new: bool,
+                echo: Callable[[str], None]) -> tuple[store.Run, list]:
+    """A data run's three phases: the tokenizer job, one array of data.workers tokenize tasks, the finalize job.
+    On Slurm they are chained (afterok) and this returns at once; local and debug run them here in order and stop
+    at the first phase that fails. An interrupted version of the same recipe is resumed: its finished units stay."""
+    from .stages import data as data_stage
+
+    check_executor(executor)
+    data_stage.check(r)  # the login node reads only the start of each input
+    res = launch.resources(r.launch, profile)
+    with ExitStack() as claims:
+        run = None
+        if not new and (candidate := interrupted(root, r)) is not None:
+            claims.enter_context(lifecycle.claim(candidate))
+            run = resumable(root, r, new)
+        if run is None:
+            run = _allocate(root, r.name)
+            recipes.write_run_recipe(run, r)
+            run.write_manifest(store.Manifest(name=r.name, version=run.version, stage="data", executor=executor))
+        else:
+            echo(f"resuming {run.ref}: its finished units are kept")
+            run.update(executor=executor, status="pending", finished=None)
+        jobs: list = []
+        try:
+            _data_phases(run, r, executor, res, echo, jobs)
+        except Exception:
+            raise
+        except BaseException as err:  # this command was stopped (SIGTERM, Ctrl-C): so are its jobs, then the run fails
+            launch.stop_local(jobs)
+            for j in jobs:
+                j.wait()
+            lifecycle.fail(run, err)
+            raise
+    return run, jobs
+
+
+def _data_phases(run: store.Run, r, executor: str, res: launch.Resources, echo: Callable[[str], None],
+                 jobs: list) -> None:
+    """Submit each phase (appended to `jobs`); local and debug: wait for it, and stop at the first that fails."""
+    from .stages import data as data_stage
+
+    dependency = None
+    for name, calls in data_stage.phases(run.dir, r.data.workers):
+        if executor != "slurm":  # this process drives the phases: while it lives, no other command resumes the run
+            run.update(pid=os.getpid(), host=socket.gethostname())
+        try:
+            submitted = launch.submit(executor, res, f"{r.name}-{name}", calls, run.dir / "logs", dependency)
+        except Exception as err:
+            lifecycle.fail(run, "submission failed")
+            raise PrunectlError(f"submission failed: {submit_error(err)}") from None
+        jobs += submitted
+        run.update(job_ids=[*run.manifest().job_ids, *(str(j.job_id) for j in submitted)])
+        echo(f"{name}: job {', '.join(str(j.job_id) for j in submitted)} ({executor})")
+        if executor == "slurm":
+            dependency = "afterok:" + str(submitted[0].job_id).split("_")[0]  # an array's id: all its tasks
+            continue
+        failed = [j for j in submitted if _failed(j)]
+        if failed:
+            settle(run, failed[0])
+            return
+
+
+def _failed(job) -> bool:
+    """A local or debug job that ended with an error (it is waited for)."""
+    from submitit.core.utils import UncompletedJobError
+
+    try:
+        return isinstance(job.result(), launch.Raised)
+    except UncompletedJobError:  # and FailedJobError: the job raised, or was killed
+        return True
+
+
+def _allocate(root: Path, name: str) -> store.Run:
+    """A new version; a runs root that cannot hold one is one line, and leaves no folder made for it."""
+    import contextlib
+
+    created = [p for p in (root / name, root) if not p.exists()]
+    try:
+        return store.allocate(root, name)
+    except OSError as err:
+        for folder in created:  # innermost first, unless another run is in it now
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise PrunectlError(f"runs root {root}: cannot create a run directory there ({err.strerror or err}); "
+                            "pass --runs-dir (or set PRUNECTL_RUNS) to a writable directory") from None

@@ -16,9 +16,11 @@ def test_ranges_are_disjoint_and_tile_the_stream(workspace):
     folder = workspace["runs"] / "test-data" / "v001"
     meta = json.loads((folder / "data.json").read_text())
     spans = sorted((r["start"], r["end"]) for r in meta["ranges"].values())
-    assert spans[0][0] == 0 and spans[-1][1] == meta["total_tokens"] == sum(meta["shards"])
+    files = [f for r in meta["ranges"].values() for f in r["files"]]
+    assert spans[0][0] == 0 and spans[-1][1] == meta["total_tokens"] == sum(f["tokens"] for f in files)
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous, no overlap
-    assert len(meta["shards"]) > 1  # small shards: reads cross shard boundaries
+    assert all(r["end"] - r["start"] == sum(f["tokens"] for f in r["files"]) for r in meta["ranges"].values())
+    assert len(files) > len(meta["ranges"])  # a file per range and unit: reads cross file boundaries
     # the model has to beat a unigram model: the bar is recorded with the data
     assert 4.0 < meta["unigram_entropy_nats"] < np.log(meta["tokenizer"]["vocab_size"])
 

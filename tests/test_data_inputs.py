@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from prunectl import data, store
-from prunectl.errors import PrunectlError, RunFailed
+from prunectl.errors import PrunectlError
 
 from .conftest import manifest, refused
 
@@ -53,23 +53,15 @@ def test_malformed_jsonl_and_empty_glob_are_refused_leaving_nothing(env, tmp_pat
     assert err.count("\n") == 1 and "no files match" in err
 
 
-def test_every_user_error_comes_before_anything_is_written(env, tmp_path, monkeypatch):
+def test_too_little_text_fails_the_run_in_one_line(env, tmp_path):
+    """Whether every range gets a document is known only once every unit is read: finalize fails the run."""
+    from .conftest import prunectl
+
     one = _jsonl(tmp_path / "one.jsonl", docs=1)  # readable, but too little text for three ranges
-    err = refused(env["env"], env["runs"], "data", "prepare", _recipe(tmp_path, f"{{kind: jsonl, path: {one}}}"),
-                  written="*")
-    assert "got no document" in err and err.count("\n") == 1
-
-    # one that can only come once the run exists: the run goes, and so does the run folder allocate made for it
-    from prunectl.recipe import resolve
-    from prunectl.stages import data as data_stage
-
-    def refused_late(*args, **kw):
-        raise PrunectlError("data: refused after allocate")
-
-    monkeypatch.setattr(data, "prepare", refused_late)
-    with pytest.raises(PrunectlError, match="refused after allocate"):
-        data_stage.run(env["runs"], resolve(_recipe(tmp_path, f"{{kind: jsonl, path: {_jsonl(tmp_path / 'd.jsonl')}}}")))
-    assert not list(env["runs"].iterdir())
+    out = prunectl("data", "prepare", _recipe(tmp_path, f"{{kind: jsonl, path: {one}}}"), env=env["env"], check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stdout
+    m = manifest(env["runs"], "inputs")
+    assert m["status"] == "failed" and "got no document" in m["note"] and "\n" not in m["note"]
 
 
 def test_source_checks_name_the_file_and_line(tmp_path, monkeypatch):
@@ -109,21 +101,22 @@ def test_source_checks_name_the_file_and_line(tmp_path, monkeypatch):
                                      f"data.sources: no files match {tmp_path}/no*.jsonl"]
 
 
-def test_disk_full_while_writing_shards_fails_the_run_in_one_line(env, tmp_path, monkeypatch):
+def test_disk_full_while_writing_tokens_fails_the_run_in_one_line(env, tmp_path, monkeypatch):
+    from prunectl import submission
     from prunectl.recipe import resolve
-    from prunectl.stages import data as data_stage
 
     recipe = resolve(_recipe(tmp_path, f"{{kind: jsonl, path: {_jsonl(tmp_path / 'docs.jsonl')}}}"))
+    real = data.encode
 
-    def full(self, ids):
+    def full(tokenizer, docs, batch=256):
+        yield next(real(tokenizer, docs, batch))  # one document written, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(data.ShardWriter, "write", full)
-    with pytest.raises(RunFailed) as caught:
-        data_stage.run(env["runs"], recipe)
-    assert caught.value.ref == "inputs@v001" and "no space left on device" in caught.value.reason
+    monkeypatch.setattr(data, "encode", full)
+    run, _ = submission.submit_data(env["runs"], recipe, "debug", None, False, lambda line: None)
     m = manifest(env["runs"], "inputs")
-    assert m["status"] == "failed" and m["note"] == caught.value.reason and "\n" not in m["note"]
-    assert not (env["runs"] / "inputs" / "v001" / "staging").exists()  # the partial shards gave their space back
+    assert run.ref == "inputs@v001" and m["status"] == "failed" and "\n" not in m["note"]
+    assert m["note"].startswith("no space left on device")
+    assert not list((run.dir / "tokens").rglob("*.partial"))  # the partial unit gave its space back
     with pytest.raises(PrunectlError, match="is failed, not complete"):
         store.resolve(env["runs"], "inputs@v001")

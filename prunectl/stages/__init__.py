@@ -2,7 +2,7 @@
 
 | stage    | recipe          | check                      | run (where)                               |
 |----------|-----------------|----------------------------|-------------------------------------------|
-| data     | DataRecipe      | -                          | data.run (here)                           |
+| data     | DataRecipe      | data.check (inputs only)   | data.Phase: tokenizer, array, finalize    |
 | pretrain | PretrainRecipe  | train.check_pretrain       | train.run (a job, every rank)             |
 | retrain  | RetrainRecipe   | train.check_retrain        | train.run (a job, every rank)             |
 | prune    | PruneRecipe     | prune.check                | prune.run (a job, every rank)             |

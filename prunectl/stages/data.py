@@ -1,21 +1,20 @@
-"""`prunectl data prepare`: corpora -> tokenizer -> token shards and named disjoint ranges, in a data run.
+"""`prunectl data prepare`: corpora -> tokenizer -> token files and named disjoint ranges, in a data run.
 
-It runs where it is called (the login node, or a study's caller). A user error leaves nothing behind; any
-other failure leaves the run marked failed with its reason.
+Three phases, each a job of the launcher: the tokenizer, one array of `data.workers` tokenize tasks (each the
+units u with u % workers == task that are not done yet, so a rerun redoes only unfinished units), and
+finalize (data.json, then complete). The command only checks the inputs and submits (`submission.submit_data`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import os
-import shutil
+import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import lifecycle, store
-from ..artifacts import DataMeta
-from ..errors import PrunectlError, RunFailed
 
 if TYPE_CHECKING:
     from ..recipe import DataRecipe
@@ -30,62 +29,74 @@ def prepared(root: Path, recipe: DataRecipe) -> store.Run | None:
 
 
 def check(recipe: DataRecipe) -> None:
-    """Every problem with the sources that the start of each file shows; nothing is written."""
+    """Every problem with the sources that the start of each file shows, an HF source or tokenizer that does not
+    load; nothing is written."""
     from .. import data
 
     data.check_sources(recipe.data)
+    data.units(recipe.data)  # opens each hf source: a missing dataset is refused here, not in a job
+    if recipe.data.tokenizer.kind == "hf":
+        data.build_tokenizer(recipe.data.tokenizer, iter(()))
 
 
-def run(root: Path, recipe: DataRecipe, progress=None) -> tuple[store.Run, DataMeta]:
-    """Check and plan in memory, then write a new version. A user error leaves nothing; an OSError while
-    writing (a full disk) leaves the run failed with one line and is raised as RunFailed."""
-    from .. import data
-    from ..recipe import write_run_recipe
+@dataclass
+class Phase:
+    """One job (or array task) of a data run: "tokenizer", "tokenize" (task of tasks) or "finalize"."""
 
-    check(recipe)  # the cheap checks first: one line about a bad file before reading every source
-    planned = data.plan(recipe.data)  # in memory: every other user error, still before anything is written
-    created = [p for p in (root / recipe.name, root) if not p.exists()]
-    try:
-        run = store.allocate(root, recipe.name)
-    except OSError as err:
-        _remove_empty(created)
-        raise PrunectlError(f"runs root {root}: cannot create a run directory there ({err.strerror or err}); "
-                            "pass --runs-dir (or set PRUNECTL_RUNS) to a writable directory") from None
-    try:
-        write_run_recipe(run, recipe)
-        run.write_manifest(store.Manifest(name=recipe.name, version=run.version, stage="data", executor="here"))
-        with lifecycle.running(run):
-            staging = run.dir / "staging"
-            try:
-                meta = data.prepare(recipe.data, staging, progress, planned)
-            except OSError:
-                shutil.rmtree(staging, ignore_errors=True)  # partial shards: useless, and a full disk needs the room
+    run_dir: str
+    phase: str
+    task: int = 0
+    tasks: int = 1
+
+    def __call__(self) -> None:
+        from ..recipe import load_run_recipe
+
+        run = store.Run.at(Path(self.run_dir))
+        config = load_run_recipe(run.dir).data
+        signal.signal(signal.SIGTERM, _stopped)  # submitit ignores it; a phase stops (its units are atomic)
+        try:
+            self._phase(run, config)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:  # running() noted it already; this says what to do
+                with contextlib.suppress(OSError):
+                    lifecycle.fail(run, f"no space left on device writing {err.filename or run.dir}; free space and "
+                                        "run `prunectl data prepare` again (finished units are kept)")
+            raise
+
+    def _phase(self, run: store.Run, config) -> None:
+        import os
+
+        from .. import data
+
+        if self.phase == "tokenize":
+            # the job's CPUs are the tokenizer's threads (read when its thread pool starts, in this fresh process)
+            os.environ.setdefault("RAYON_RS_NUM_CPUS", os.environ.get("PRUNECTL_THREADS", "1"))
+            try:  # tasks run side by side: none holds the owner lock, but each failure fails the run
+                data.tokenize_task(config, run.dir, self.task, self.tasks)
+            except BaseException as err:
+                with contextlib.suppress(OSError):
+                    lifecycle.fail(run, err)
                 raise
-            for child in staging.iterdir():
-                os.replace(child, run.dir / child.name)
-            staging.rmdir()
-            lifecycle.complete(run, summary=meta.summary().model_dump())
-    except PrunectlError:
-        shutil.rmtree(run.dir, ignore_errors=True)  # a user error leaves nothing behind
-        _remove_empty(created)
-        raise
-    except OSError as err:
-        reason = _os_reason(err, run)
-        with contextlib.suppress(OSError, PrunectlError):  # running() noted it already; this says what to do
-            lifecycle.fail(run, reason)
-        raise RunFailed(run.ref, reason) from None
-    return run, meta
+            return
+        with lifecycle.running(run):
+            if self.phase == "tokenizer":
+                data.write_tokenizer(config, run.dir)
+            else:
+                meta = data.finalize(config, run.dir)
+                lifecycle.complete(run, summary=meta.summary().model_dump())
 
 
-def _remove_empty(created: list[Path]) -> None:
-    """The folders allocate made for this run alone (innermost first), unless another run is in them now."""
-    for folder in created:
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+class Stopped(Exception):
+    """SIGTERM to a data phase: it stops, the run fails, and a rerun resumes it."""
 
 
-def _os_reason(err: OSError, run: store.Run) -> str:
-    if err.errno == errno.ENOSPC:
-        return (f"no space left on device writing {err.filename or run.dir}; free space and run `prunectl data "
-                "prepare` again")
-    return lifecycle.one_line(err)
+def _stopped(signum, frame) -> None:
+    raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+
+def phases(run_dir: Path, workers: int) -> list[tuple[str, list[Phase]]]:
+    """(name, callables) of each phase in order: one job, one array of `workers` tasks, one job."""
+    d = str(run_dir)
+    return [("tokenizer", [Phase(d, "tokenizer")]),
+            ("tokenize", [Phase(d, "tokenize", w, workers) for w in range(workers)]),
+            ("finalize", [Phase(d, "finalize")])]
