@@ -37,7 +37,7 @@ launch: {tasks_per_node: 1, cpus_per_task: 2, time_min: 15}
 COMMON = """
 stage: prune
 parent: test-prune-parent@latest
-calibration: {range: calibration, samples: 32, seq_len: 64, micro_batch: 16}
+calibration: {range: calibration, samples: 128, seq_len: 64, micro_batch: 16}  # 8,192 tokens: enough for a stable ordering
 heldout: {range: validation, tokens: 32768, seq_len: 64}
 launch: {tasks_per_node: 1, cpus_per_task: 2, time_min: 15}
 """
