@@ -31,7 +31,7 @@ from . import status as views
 from . import recipe as recipes
 from . import study as studies
 from .artifacts import DataMeta
-from .errors import PrunectlError, RunFailed
+from .errors import PrunectlError, RunFailed, Stopped, raise_stopped
 from .render import console, err_console
 from .stages import compare as compare_stage
 from .stages import data as data_stage
@@ -458,15 +458,6 @@ def status(
         render.warn(f"[yellow]job states of running Slurm jobs are unknown[/]: {unreachable}")
 
 
-class Stopped(BaseException):
-    """SIGTERM or SIGUSR2 to the CLI while it works here: a run it writes is marked failed on the way out. Like
-    KeyboardInterrupt, no `except Exception` swallows it."""
-
-
-def _stopped(signum, frame) -> None:
-    raise Stopped(f"stopped by {signal.Signals(signum).name}")
-
-
 try:  # typer >= 0.2x raises its own copies of click's exceptions
     from typer._click.exceptions import ClickException as _TyperClickException
 except ImportError:  # pragma: no cover
@@ -483,7 +474,7 @@ def main() -> None:
     os.environ.setdefault("SUBMITIT_LOG_LEVEL", "ERROR")
     debug = "--debug" in sys.argv[1:2] or os.environ.get("PRUNECTL_DEBUG") == "1"
     for sig in (signal.SIGTERM, signal.SIGUSR2):  # work done here (data prepare, compare) stops as a failure
-        signal.signal(sig, _stopped)
+        signal.signal(sig, raise_stopped)
     try:
         code = app(standalone_mode=False, prog_name="prunectl")
     except PrunectlError as err:

@@ -13,3 +13,15 @@ class RunFailed(Exception):
     def __init__(self, ref: str, reason: str, log: str | None = None) -> None:
         super().__init__(f"{ref} failed: {reason}" + (f" (log: {log})" if log else ""))
         self.ref, self.reason, self.log = ref, reason, log
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGUSR2 while work runs in this process: it stops, and the run it writes is marked failed (a
+    rerun resumes it). Like KeyboardInterrupt, no `except Exception` swallows it."""
+
+
+def raise_stopped(signum: int, frame) -> None:
+    """A signal handler: turn the signal into Stopped."""
+    import signal
+
+    raise Stopped(f"stopped by {signal.Signals(signum).name}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import lifecycle, store
+from ..errors import raise_stopped
 
 if TYPE_CHECKING:
     from ..recipe import DataRecipe
@@ -53,7 +54,7 @@ class Phase:
 
         run = store.Run.at(Path(self.run_dir))
         config = load_run_recipe(run.dir).data
-        signal.signal(signal.SIGTERM, _stopped)  # submitit ignores it; a phase stops (its units are atomic)
+        signal.signal(signal.SIGTERM, raise_stopped)  # submitit ignores it; a phase stops (its units are atomic)
         try:
             self._phase(run, config)
         except OSError as err:
@@ -84,14 +85,6 @@ class Phase:
             else:
                 meta = data.finalize(config, run.dir)
                 lifecycle.complete(run, summary=meta.summary().model_dump())
-
-
-class Stopped(Exception):
-    """SIGTERM to a data phase: it stops, the run fails, and a rerun resumes it."""
-
-
-def _stopped(signum, frame) -> None:
-    raise Stopped(f"stopped by {signal.Signals(signum).name}")
 
 
 def phases(run_dir: Path, workers: int) -> list[tuple[str, list[Phase]]]:
