@@ -334,41 +334,18 @@ def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
     r = submission.resolve_as("study", recipe, overrides or [])
     study_file = recipes.find_recipe(recipe)
     root = store.runs_root(runs_dir)
-    data_paths, data_refs = [], []
-    for entry in r.data:
-        data_path = studies.recipe_path(study_file, entry)
-        data_recipe = recipes.resolve(data_path)
-        if data_recipe.stage != "data":
-            raise PrunectlError(f"data: {entry} is a {data_recipe.stage} recipe; a study's data entries are data recipes")
-        done = data_stage.prepared(root, data_recipe)
-        data_paths.append((data_path, data_recipe, done))
-        data_refs.append(done.ref if done else f"{data_recipe.name}@vNNN")
-    data_recipes = [data_recipe for _, data_recipe, _ in data_paths]
-    planned = studies.Planner(root, study_file, r, data_refs, True, executor)
-    planned.build()  # every stage recipe of the study resolved before anything is prepared or written
-    budget_rows, problems = studies.budgets(root, planned, data_recipes)
-    if problems:  # estimated from the data recipes when the data is not prepared yet
+    planned = studies.Planner(root, study_file, r, True, executor)
+    planned.build()  # every recipe of the study resolved before anything is written
+    budget_rows, problems = studies.budgets(root, planned)
+    if problems:  # estimated from the data recipes while the data is not prepared; each job checks again at its start
         raise PrunectlError(studies.one_budget_line(problems))
-    if not dry_run and any(done is None for _, _, done in data_paths):
-        for i, (data_path, data_recipe, done) in enumerate(data_paths):
-            if done is None:
-                data_prepare(data_path, runs_dir=runs_dir)
-                data_refs[i] = data_stage.prepared(root, data_recipe).ref
-        planned = studies.Planner(root, study_file, r, data_refs, True, executor)
-        planned.build()
-        budget_rows, problems = studies.budgets(root, planned, data_recipes)
-        if problems:  # the prepared data holds less than estimated
-            raise PrunectlError(studies.one_budget_line(problems))
     if dry_run:
-        data_steps = [{"recipe": studies.recipe_path(study_file, entry), "run": ref} for entry, ref in zip(r.data, data_refs)]
         groups = list(studies.dry_run_groups(root, r, planned, executor, profile))
         if as_json:
-            print(json.dumps({"data": data_steps, "budgets": budget_rows, "nodes": [n.model_dump() for n in planned.nodes],
+            print(json.dumps({"budgets": budget_rows, "nodes": [n.model_dump() for n in planned.nodes],
                               "arrays": [{"title": title, "nodes": [n.key for n in bucket], "batch_script": script}
                                          for title, bucket, script in groups]}, indent=1))
             return
-        for step in data_steps:
-            render.line(f"data: `prunectl data prepare {step['recipe']}` here, first ({step['run']})")
         render.budgets(budget_rows)
         render.graph(views.graph_rows(root, planned.nodes, live=False))
         for title, bucket, script in groups:
@@ -379,7 +356,7 @@ def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
                 render.plain(script)
         return
     studies.check_ready(root, planned, profile)
-    planner = studies.Planner(root, study_file, r, data_refs, False, executor)
+    planner = studies.Planner(root, study_file, r, False, executor)
     planner.build_or_clean()
     reused = [n for n in planner.nodes if n.state == "reused" and n.group != "eval"]
     results = [n for n in planner.nodes if n.state == "reused" and n.group == "eval"]

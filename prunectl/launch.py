@@ -243,13 +243,13 @@ def last_words(job) -> str:
     return (found[-1][:300] + "; " if found else "no error in its log (killed?); ") + f"log: {path}"
 
 
-def batch_script(folder: Path, res: Resources, name: str, dependency: str | None = None) -> str:
-    """The sbatch script submitit would submit (for --dry-run), without touching the cluster."""
+def batch_script(folder: Path, res: Resources, name: str, dependency: str | None = None, tasks: int | None = None) -> str:
+    """The sbatch script submitit would submit (for --dry-run), without touching the cluster; `tasks`: an array's."""
     from submitit.slurm import slurm
 
     ex = make_executor("slurm", folder, res, name, dependency)
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    return slurm._make_sbatch_string(command=command, folder=folder, **ex.parameters)
+    return slurm._make_sbatch_string(command=command, folder=folder, map_count=tasks, **ex.parameters)
 
 
 class SlurmUnreachable(PrunectlError):

@@ -222,11 +222,35 @@ def write_run_recipe(run: store.Run, recipe: Recipe) -> None:
     store.write_atomic(run.dir / "recipe.yaml", dump(recipe))
 
 
+# Keys that say how a run's work is split and where it runs, not what it makes: a data run's bytes are the same
+# with any number of tokenize tasks on any nodes (tests/test_data_scale.py), so a rerun with another
+# data.workers or launch resumes (or reuses) it instead of starting a new version.
+NOT_IDENTITY = {"data": (("data", "workers"), ("launch",))}
+
+
+def identity(text: str) -> str:
+    """A resolved recipe's dump without the keys that do not change what its run makes."""
+    raw = yaml.safe_load(text)
+    drop = NOT_IDENTITY.get(raw.get("stage")) if isinstance(raw, dict) else None
+    if not drop:
+        return text
+    for *parents, key in drop:
+        node = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
 def same_recipe(run: store.Run, recipe: Recipe | str) -> bool:
-    """A run's identity is its resolved recipe: the stored recipe.yaml is exactly this one."""
+    """A run's identity is its resolved recipe: the stored recipe.yaml is this one (up to NOT_IDENTITY)."""
     text = recipe if isinstance(recipe, str) else dump(recipe)
     path = run.dir / "recipe.yaml"
-    return path.exists() and path.read_text() == text
+    if not path.exists():
+        return False
+    stored = path.read_text()
+    return stored == text or identity(stored) == identity(text)
 
 
 def runs_of(root: Path, recipe: Recipe, complete: bool = False) -> list[store.Run]:

@@ -1,4 +1,5 @@
-"""A whole study in one submission: parent -> prune (methods x ratios) -> retrain and scratch twins -> eval -> compare.
+"""A whole study in one submission: data -> parent -> prune (methods x ratios) -> retrain and scratch twins -> eval
+-> compare.
 
 The study resolves every stage's recipe with its inputs pinned to the exact versions the study
 allocates (`init=<prune run>@v003`, ...), so each node knows what it will read before anything
@@ -7,6 +8,8 @@ inputs; a node whose inputs did not complete fails at its start with a note nami
 rest of the study goes on. With the local executor the groups run one after another here.
 Runs whose exact recipe already completed are reused; interrupted ones resume; failed ones are
 submitted again. `graph.json` in the study's run directory records the graph for `prunectl status`.
+A data node is a data run's three phases (a tokenizer job, an array of tokenize tasks, a finalize job, chained
+afterok); the nodes that read its ranges wait on its finalize job.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .stages import STAGES, compare, train
 from .stages import eval as eval_
 from .sweep import prefix_overrides
 
-GROUPS = ("parent", "prune", "sweep", "retrain", "scratch", "eval", "compare")
+GROUPS = ("data", "parent", "prune", "sweep", "retrain", "scratch", "eval", "compare")
 
 
 def run_dir(root: Path, ref: str) -> Path:
@@ -49,10 +52,10 @@ class Planner:
     """Builds the graph. Dry: placeholders (`name@vNNN`) for new runs. Otherwise new runs are allocated
     (recipe.yaml and a pending manifest) as they are planned, so later nodes can pin them."""
 
-    def __init__(self, root: Path, study_file: Path, study, data_refs: list[str], dry_run: bool, executor: str):
+    def __init__(self, root: Path, study_file: Path, study, dry_run: bool, executor: str):
         self.root, self.study_file, self.study, self.dry_run, self.executor = root, study_file, study, dry_run, executor
         self.nodes: list[Node] = []
-        self.names: dict[str, str] = {ref.split("@")[0]: ref for ref in data_refs}
+        self.names: dict[str, str] = {}  # run name -> the version this study pins
         self.fresh: list[store.Run] = []
 
     def path(self, ref: str) -> str:
@@ -60,6 +63,8 @@ class Planner:
 
     def build(self) -> list[Node]:
         study = self.study
+        for entry in study.data:
+            self.add_data(self.path(entry))
         parent = self.add("parent", "pretrain", self.path(study.parent), [("data", None)], [])
         trained = [parent]
         for method in study.methods:
@@ -98,11 +103,23 @@ class Planner:
                 shutil.rmtree(run.dir, ignore_errors=True)
             raise
 
+    def add_data(self, source: str) -> Node:
+        r = recipes.resolve(source)
+        if r.stage != "data":
+            raise PrunectlError(f"data: {source} is a {r.stage} recipe; a study's data entries are data recipes")
+        node = Node(key=f"data/{r.name}", group="data", stage="data", source=source, overrides=[])
+        self.decide(node, r)
+        self.names[r.name] = node.ref
+        self.nodes.append(node)
+        return node
+
     def add(self, group: str, stage: str, source: str, pins: list[tuple[str, str | None]], deps: list[str]) -> Node:
         base = recipes.resolve(source)
         if base.stage != stage:
             raise PrunectlError(f"{source}: is a {base.stage} recipe; the study's {group} entries are {stage} recipes")
         overrides = [o for f, ref in pins for o in _pin(base, f, ref, self.names)]
+        pinned = {o.partition("=")[2] for o in overrides}  # the study's data runs this node reads: it waits for them
+        deps = [*(n.key for n in self.nodes if n.group == "data" and n.ref in pinned), *deps]
         r = recipes.resolve(source, overrides)
         existing = next((n for n in self.nodes if n.key == f"{group}/{r.name}"), None)
         if existing:
@@ -160,8 +177,9 @@ class Planner:
         run = store.allocate(self.root, r.name)
         self.fresh.append(run)
         recipes.write_run_recipe(run, r)
+        note = "queued by the study" if node.group == "data" else "waiting for its inputs (study)"
         run.write_manifest(store.Manifest(name=r.name, version=run.version, stage=node.stage, executor=self.executor,
-                                          inputs=_expected_inputs(node), note="waiting for its inputs (study)"))
+                                          inputs=_expected_inputs(node), note=note))
         node.ref, node.state = run.ref, "new"
 
     def allocate_compare(self) -> str:
@@ -180,6 +198,9 @@ def dry_run_groups(root: Path, study, planned: Planner, executor: str, profile: 
     by_key = {n.key: n for n in planned.nodes}
     for group in GROUPS:
         todo = [n for n in planned.nodes if n.group == group and n.state in ("planned", "resume")]
+        if group == "data":
+            yield from _data_dry_run(root, todo, executor, profile)
+            continue
         for res, bucket in _buckets(todo, profile, planned):
             deps = sorted({by_key[d].key for n in bucket for d in n.deps if by_key[d].state != "reused"})
             title = (f"{group}: {len(bucket)} job(s){' as one array' if len(bucket) > 1 else ''}"
@@ -191,18 +212,34 @@ def dry_run_groups(root: Path, study, planned: Planner, executor: str, profile: 
             yield title, bucket, script
 
 
-def budgets(root: Path, planned: Planner, data_recipes: list) -> tuple[list[dict[str, Any]], list[str]]:
-    """Per data range: the tokens it holds (estimated from its recipe before it is prepared) against the most any
+def _data_dry_run(root: Path, todo: list[Node], executor: str, profile: str | None):
+    """A data node's three phases as a dry run shows them: the tokenize array's script stands for all three."""
+    for n in todo:
+        r = recipes.resolve(n.source, n.overrides)
+        workers = r.data.workers
+        title = (f"data {n.ref}: a tokenizer job, an array of {workers} tokenize task{'s' if workers > 1 else ''}, "
+                 "a finalize job, each after the one before succeeds")
+        script = None
+        if executor == "slurm":
+            script = launch.batch_script(run_dir(root, n.ref) / "logs", launch.resources(r.launch, profile),
+                                         f"{r.name}-tokenize", "afterok:<job id of its tokenizer job>",
+                                         tasks=workers if workers > 1 else None)
+        yield title, [n], script
+
+
+def budgets(root: Path, planned: Planner) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per data range: the tokens it holds (estimated from its recipe until it is prepared) against the most any
     training run of the study reads from it; and one line per run whose budget exceeds its ranges."""
     from .artifacts import DataMeta
 
-    estimates = {d.name: d.data.estimated_tokens() for d in data_recipes}
-    holds_of: dict[str, tuple[dict[str, int] | None, bool]] = {}
+    holds_of: dict[str, tuple[dict[str, int] | None, bool]] = {
+        n.ref: (recipes.resolve(n.source).data.estimated_tokens(), True)
+        for n in planned.nodes if n.group == "data" and n.state != "reused"}
 
     def holds(ref: str) -> tuple[dict[str, int] | None, bool]:
         if ref not in holds_of:
             if ref.endswith("@vNNN"):
-                holds_of[ref] = (estimates.get(ref.split("@")[0]), True)
+                holds_of[ref] = (None, True)
             else:
                 try:
                     meta = DataMeta.read(store.resolve(root, ref).dir)
@@ -243,7 +280,12 @@ def one_budget_line(problems: list[str]) -> str:
 
 def check_ready(root: Path, planned: Planner, profile: str | None) -> None:
     """Check now what can be checked (nodes whose inputs all exist); each job checks the rest when it starts."""
+    from .stages import data as data_stage
+
     for n in planned.nodes:
+        if n.group == "data" and n.state in ("planned", "resume"):
+            data_stage.check(recipes.resolve(n.source))  # its sources and tokenizer: the start of each input
+            continue
         if n.state == "planned" and n.group in ("parent", "prune", "retrain", "scratch") and \
                 all(by.state == "reused" for by in planned.nodes if by.key in n.deps):
             each = recipes.resolve(n.source, n.overrides)
@@ -289,6 +331,18 @@ def method_refs(study, nodes: list[Node], study_file: Path) -> list[dict[str, An
             for m in study.methods]
 
 
+def _submit_data(root: Path, nodes: list[Node], executor: str, profile: str | None, echo) -> None:
+    """Each data node's phases (local: run here, one after another); its finalize job is the one others wait on."""
+    from .submission import data_jobs
+
+    for n in nodes:
+        r = recipes.resolve(n.source)
+        jobs = data_jobs(store.Run.of(root, n.ref), r, executor, launch.resources(r.launch, profile),
+                         lambda line, ref=n.ref: echo(f"data {ref} {line}"))
+        n.job = str(jobs[-1].job_id)
+        echo(f"submitted data {n.ref} as job {n.job} (its finalize job)")
+
+
 def submit(planner: Planner, executor: str, profile: str | None, echo, follow) -> store.Run:
     """Record the graph, then submit each group as one job array depending on its inputs' jobs."""
     root, study, nodes = planner.root, planner.study, planner.nodes
@@ -303,10 +357,14 @@ def submit(planner: Planner, executor: str, profile: str | None, echo, follow) -
         by_key = {n.key: n for n in nodes}
         # Slurm: one array per group. Here: retrains and scratch twins share waves (both need only the prune runs).
         levels = [[g] for g in GROUPS] if executor == "slurm" else \
-            [["parent"], ["prune"], ["sweep"], ["retrain", "scratch"], ["eval"], ["compare"]]
+            [["data"], ["parent"], ["prune"], ["sweep"], ["retrain", "scratch"], ["eval"], ["compare"]]
         for level in levels:
             group = level[0]
             todo = [n for n in nodes if n.group in level and n.state in ("new", "resume")]
+            if group == "data":
+                _submit_data(root, todo, executor, profile, echo)
+                graph.write(study_run.dir)
+                continue
             if executor != "slurm":
                 todo = [n for n in todo if _inputs_ready(root, n, by_key)]
                 _run_here(root, study, study_run, graph, [(res, n) for res, b in _buckets(todo, profile, planner) for n in b],

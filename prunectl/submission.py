@@ -149,13 +149,13 @@ def submit(p: StagePlan, root: Path, executor: str, new: bool, echo: Callable[[s
     return list(zip(runs, jobs))
 
 
-def settle(run: store.Run, job) -> store.Manifest | None:
+def settle(run: store.Run, job, hint: str = "") -> store.Manifest | None:
     """After the job ended: a run it left pending or running (killed, out of disk, crashed before its
     lifecycle started) is marked failed with the job's last words, so no run looks alive or complete."""
     manifest = run.manifest()
     if manifest is None or manifest.status in ("complete", "failed") or lifecycle.owner_alive(run):
         return manifest
-    return lifecycle.fail(run, f"the job ended without finishing: {launch.last_words(job)}")
+    return lifecycle.fail(run, f"the job ended without finishing: {launch.last_words(job)}{hint}")
 
 
 def submit_error(err: BaseException) -> str:
@@ -185,18 +185,27 @@ def submit_data(root: Path, r, executor: str, profile: str | None, new: bool,
         else:
             echo(f"resuming {run.ref}: its finished units are kept")
             run.update(executor=executor, status="pending", finished=None)
-        jobs: list = []
-        try:
-            _data_phases(run, r, executor, res, echo, jobs)
-        except Exception:
-            raise
-        except BaseException as err:  # this command was stopped (SIGTERM, Ctrl-C): so are its jobs, then the run fails
-            launch.stop_local(jobs)
-            for j in jobs:
-                j.wait()
-            lifecycle.fail(run, err)
-            raise
+        jobs = data_jobs(run, r, executor, res, echo)
     return run, jobs
+
+
+def data_jobs(run: store.Run, r, executor: str, res: launch.Resources, echo: Callable[[str], None]) -> list:
+    """Submit a data run's phases; its last job is the finalize job, which later jobs can wait on.
+
+    Local and debug: each phase runs to its end before the next; the first that fails settles the run. If this
+    command is stopped (SIGTERM, Ctrl-C) its local jobs are stopped too and the run is marked failed."""
+    jobs: list = []
+    try:
+        _data_phases(run, r, executor, res, echo, jobs)
+    except Exception:
+        raise
+    except BaseException as err:
+        launch.stop_local(jobs)
+        for j in jobs:
+            j.wait()
+        lifecycle.fail(run, err)
+        raise
+    return jobs
 
 
 def _data_phases(run: store.Run, r, executor: str, res: launch.Resources, echo: Callable[[str], None],
@@ -221,7 +230,7 @@ def _data_phases(run: store.Run, r, executor: str, res: launch.Resources, echo: 
             continue
         failed = [j for j in submitted if _failed(j)]
         if failed:
-            settle(run, failed[0])
+            settle(run, failed[0], "; the same command resumes it, keeping the finished units")
             return
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ import pytest
 from prunectl import data, store, submission
 from prunectl.recipe import resolve
 
-from .conftest import manifest, prunectl
+from .conftest import REPO, manifest, prunectl
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven ravens watch from an old oak near the river "
          "and a cold wind moves the grass").split()
@@ -125,20 +128,41 @@ def test_a_failed_task_is_resumed_without_redoing_its_finished_units(tmp_path, m
 
 
 @pytest.mark.slow
-def test_a_killed_local_prepare_completes_on_rerun(tmp_path):
-    """The CLI as a user runs it: an array of 2 local tasks, one stopped after a unit; the rerun resumes it."""
-    corpus = _corpus(tmp_path / "corpus")
+def test_a_prepare_whose_task_is_killed_midway_completes_on_rerun(tmp_path):
+    """The CLI as a user runs it: an array of 2 local tasks; one task's process is SIGKILLed after its first unit
+    (as by the OOM killer). The run fails in one line; the rerun, with another worker count, resumes the same
+    version, keeps the finished units and gives the same bytes as an uninterrupted prepare."""
+    corpus = _corpus(tmp_path / "corpus", files=8, docs=15000)  # about a second a unit
     recipe = _recipe(tmp_path, corpus)
-    env = {**os.environ, "PRUNECTL_RUNS": str(tmp_path / "runs"), data.STOP_ENV: "1"}
-    out = prunectl("data", "prepare", str(recipe), "data.workers=2", env=env, check=False)
-    assert out.returncode == 1, out.stdout + out.stderr
-    assert manifest(tmp_path / "runs", "scale")["status"] == "failed"
-    del env[data.STOP_ENV]
-    out = prunectl("data", "prepare", str(recipe), "data.workers=2", env=env)
-    assert "resuming scale@v001" in out.stdout and manifest(tmp_path / "runs", "scale")["status"] == "complete"
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PRUNECTL_RUNS": str(runs), "PYTHONUNBUFFERED": "1"}
+    cli = subprocess.Popen([sys.executable, "-m", "prunectl", "data", "prepare", str(recipe), "data.workers=2"],
+                           env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    units = runs / "scale" / "v001" / "units"
+    deadline = time.monotonic() + 120
+    while not any(units.glob("*.json")) and time.monotonic() < deadline:  # a unit is done: the tasks are running
+        time.sleep(0.05)
+    pattern = f"submitit.core._submit {runs / 'scale' / 'v001' / 'logs'}"
+    workers = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    assert workers, "the tokenize tasks ended before one could be killed"
+    os.kill(int(workers[0]), signal.SIGKILL)
+    out, err = cli.communicate(timeout=300)
+    assert cli.returncode == 1 and err.startswith("error: scale@v001 failed: the job ended without finishing"), err
+    assert "the same command resumes it, keeping the finished units" in err and len(err.splitlines()) == 1
+    m = manifest(runs, "scale")
+    assert m["status"] == "failed"
+    kept = {p.name: p.stat().st_mtime_ns for p in units.iterdir()}
+    assert 0 < len(kept) < 8
+
+    again = prunectl("data", "prepare", str(recipe), "data.workers=3", env=env)
+    assert "resuming scale@v001" in again.stdout and manifest(runs, "scale")["status"] == "complete"
+    assert not (runs / "scale" / "v002").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in units.iterdir() if p.name in kept} == kept  # not redone
     reference = tmp_path / "reference"
     data.prepare(resolve(str(recipe)).data, reference)
-    assert _tree(tmp_path / "runs" / "scale" / "v001") == _tree(reference)
+    assert _tree(runs / "scale" / "v001") == _tree(reference)
+    again = prunectl("data", "prepare", str(recipe), "data.workers=1", env=env)  # complete: reused at any worker count
+    assert "already holds this exact recipe" in again.stdout
 
 
 def _cluster_up() -> bool:
@@ -191,3 +215,12 @@ def test_a_data_run_of_the_previous_layout_still_reads(tmp_path):
     stream = data.TokenStream(tmp_path)
     assert stream.meta.schema_version == 1 and stream.range("pretrain") == data.TokenRange("pretrain", 20, 120)
     assert stream.read(95, 10).tolist() == list(range(95, 105))  # across the shard boundary
+
+
+def test_a_data_runs_identity_leaves_out_how_its_work_is_split(tmp_path):
+    from prunectl.recipe import dump, identity
+
+    path = _recipe(tmp_path, tmp_path)
+    one = dump(resolve(str(path)))
+    assert identity(dump(resolve(str(path), ["data.workers=64", "launch.cpus_per_task=16"]))) == identity(one)
+    assert identity(dump(resolve(str(path), ["data.seed=1"]))) != identity(one)  # what it makes still counts

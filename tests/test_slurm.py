@@ -169,7 +169,10 @@ def test_eval_of_several_runs_goes_out_as_one_slurm_array(pruned, workspace):
 
 
 STUDY_FILES = {
-    "parent.yaml": "extends: {recipes}/parent.yaml\nname: st-parent\ntrain: {{tokens: 32768}}\nlaunch: {{cpus_per_task: 1}}\n"
+    # prepared by the study itself: a tokenizer job, an array of 2 tokenize tasks, a finalize job
+    "data.yaml": "extends: {recipes}/data.yaml\nname: st-data\ndata: {{workers: 2}}\nlaunch: {{cpus_per_task: 1, time_min: 15}}\n",
+    "parent.yaml": "extends: {recipes}/parent.yaml\nname: st-parent\ndata: st-data@latest\ntrain: {{tokens: 32768}}\n"
+                   "launch: {{cpus_per_task: 1}}\n"
                    "model: {{layers: 4, hidden: 64, heads: 4, kv_heads: 2, ffn: 192, max_position: 256, tie_embeddings: true}}\n",
     "_prune.yaml": "stage: prune\nparent: st-parent@latest\n"
                    "calibration: {{range: calibration, samples: 16, seq_len: 64, micro_batch: 16}}\n"
@@ -184,12 +187,12 @@ STUDY_FILES = {
                    "launch: {{cpus_per_task: 1, time_min: 15}}\n",
     "retrain-depth.yaml": "extends: _train.yaml\nstage: retrain\nname: st-depth-r\ninit: st-depth@latest\noptimizer: {{lr: 1.0e-3}}\n",
     "retrain-wanda.yaml": "extends: _train.yaml\nstage: retrain\nname: st-wanda-r\ninit: st-wanda@latest\noptimizer: {{lr: 1.0e-3}}\n",
-    "twin-depth.yaml": "extends: _train.yaml\nstage: pretrain\nname: st-depth-s\ndata: test-data@latest\nlike: st-depth@latest\n",
-    "twin-wanda.yaml": "extends: _train.yaml\nstage: pretrain\nname: st-wanda-s\ndata: test-data@latest\nlike: st-wanda@latest\n",
+    "twin-depth.yaml": "extends: _train.yaml\nstage: pretrain\nname: st-depth-s\ndata: st-data@latest\nlike: st-depth@latest\n",
+    "twin-wanda.yaml": "extends: _train.yaml\nstage: pretrain\nname: st-wanda-s\ndata: st-data@latest\nlike: st-wanda@latest\n",
     "eval.yaml": "name: st-eval\nstage: eval\nrun: st-parent@latest\n"
                  "eval: {{heldout: {{range: validation, tokens: 8192, seq_len: 64}}, batch_size: 16}}\n"
                  "launch: {{cpus_per_task: 1, time_min: 15}}\n",
-    "study.yaml": "name: st\nstage: study\nparent: parent.yaml\neval: eval.yaml\nmethods:\n"
+    "study.yaml": "name: st\nstage: study\ndata: [data.yaml]\nparent: parent.yaml\neval: eval.yaml\nmethods:\n"
                   "  - {{label: depth, prune: prune-depth.yaml, retrain: [retrain-depth.yaml], scratch: [twin-depth.yaml]}}\n"
                   "  - {{label: wanda, prune: prune-wanda.yaml, retrain: [retrain-wanda.yaml], scratch: [twin-wanda.yaml]}}\n"
                   "  - {{label: depth-90, prune: prune-depth-90.yaml, retrain: [retrain-depth-90.yaml]}}\n"
@@ -204,7 +207,11 @@ def test_a_study_goes_out_at_once_chained_by_dependencies_and_completes(fresh_ru
     study = str(tmp_path / "study.yaml")
     out = prunectl("study", study, *SLURM, env=env, timeout=120)  # returns once everything is queued
     jobs = {tuple(line.split()[1:3]): line for line in out.stdout.splitlines() if line.startswith("submitted ")}
-    assert len(jobs) == 16  # parent, 3 prunes, 3 retrains, 2 twins, 6 evals, the compare
+    assert len(jobs) == 17  # the data, parent, 3 prunes, 3 retrains, 2 twins, 6 evals, the compare
+    tokenize = next(line for line in out.stdout.splitlines() if line.startswith("data st-data@v001 tokenize: job "))
+    assert tokenize.count("_") == 2  # one real array of two tasks, queued behind the tokenizer job
+    finalize = jobs[("data", "st-data@v001")].split(" as job ")[1].split()[0]
+    assert jobs[("parent", "st-parent@v001")].endswith(f"(after jobs {finalize})")  # the parent waits for the data
     parent_job = jobs[("parent", "st-parent@v001")].split(" as job ")[1].split()[0]
     assert f"(after jobs {parent_job})" in jobs[("prune", "st-depth@v001")]  # the prune array waits for the parent
     assert "after jobs" in jobs[("retrain", "st-depth-r@v001")] and "after jobs" in jobs[("compare", "st-compare@v001")]
@@ -226,13 +233,14 @@ def test_a_study_goes_out_at_once_chained_by_dependencies_and_completes(fresh_ru
 
     nodes = json.loads(prunectl("status", "st", "--json", env=env).stdout)["nodes"]
     states = [n["state"].split()[0] for n in nodes]
-    assert (states.count("complete"), states.count("failed")) == (13, 3), nodes
+    assert (states.count("complete"), states.count("failed")) == (14, 3), nodes
+    assert manifest(runs, "st-data")["executor"] == "slurm" and len(manifest(runs, "st-data")["job_ids"]) == 4
     assert next(n for n in nodes if n["label"] == "eval of st-wanda-s@v001")["state"] == "complete"
 
     (tmp_path / "study.yaml").write_text(STUDY_FILES["study.yaml"].format().replace(
         "  - {label: depth-90, prune: prune-depth-90.yaml, retrain: [retrain-depth-90.yaml]}\n", ""))
     again = prunectl("study", study, *SLURM, "--wait", env=env, timeout=300)  # only the compare runs again
-    assert "reusing 7 complete run(s) of these exact recipes and 5 stored eval result(s)" in again.stdout
+    assert "reusing 8 complete run(s) of these exact recipes and 5 stored eval result(s)" in again.stdout
     assert [line.split()[2] for line in again.stdout.splitlines() if line.startswith("submitted ")] == ["st-compare@v002"]
     assert "eval of st-wanda-s@v001" in again.stdout and "tables and figures in" in again.stdout
     assert "Finding 1: the pruned initialisation beats its scratch twin" in again.stdout
