@@ -21,6 +21,16 @@ from .errors import PrunectlError
 from .schema import Strict
 
 
+# DeepSpeed keys prunectl derives from the recipe (-> where to set them), and those `train.deepspeed` may set.
+DEEPSPEED_OWNED = {
+    "train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch / (train.micro_batch x ranks)",
+    "gradient_clipping": "optimizer.grad_clip", "optimizer": "optimizer", "scheduler": "optimizer (warmup, decay)",
+    "bf16": "train.precision", "fp16": "train.precision",
+}
+DEEPSPEED_TUNABLE = ("zero_optimization", "communication_data_type", "aio")
+
+
 class OptimizerConfig(Strict):
     """AdamW with linear warmup then cosine decay to min_lr_ratio x peak (the paper's Lingua recipe)."""
 
@@ -61,6 +71,38 @@ class TrainConfig(Strict):
     seed: int = Field(0, ge=0)
     allow_epochs: bool = Field(False, description="let the budget exceed what the ranges hold (repeat the data); "
                                                   "otherwise such a run is refused at submission")
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict, description="merged over the generated DeepSpeed config: zero_optimization (offload, "
+        "bucket sizes, hpZ, stage3_* thresholds), communication_data_type, aio")
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        for key, value in extra.items():
+            if key in DEEPSPEED_OWNED:
+                raise ValueError(f"{key} is set by prunectl from {DEEPSPEED_OWNED[key]}; set that instead")
+            if key not in DEEPSPEED_TUNABLE:
+                raise ValueError(f"{key} is not a key prunectl passes to DeepSpeed; it passes {', '.join(DEEPSPEED_TUNABLE)}")
+        zero = extra.get("zero_optimization", {})
+        if not isinstance(zero, dict):
+            raise ValueError(f"zero_optimization must be a mapping (got {zero!r})")
+        if "stage" in zero:
+            raise ValueError("zero_optimization.stage is set by prunectl from train.zero_stage; set that instead")
+        if zero:  # DeepSpeed's own model of the section: unknown or removed keys, wrong types
+            from pydantic import ValidationError
+            from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+            try:
+                DeepSpeedZeroConfig(**zero)
+            except ValidationError as err:
+                import deepspeed
+
+                first = err.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                message = (f"not a key of DeepSpeed {deepspeed.__version__}'s zero_optimization"
+                           if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, "))
+                raise ValueError(f"zero_optimization.{where}: {message}") from None
+        return extra
 
     @model_validator(mode="after")
     def _batches(self) -> TrainConfig:
@@ -143,7 +185,8 @@ def deepspeed_config(train: TrainConfig, opt: OptimizerConfig, world: int, bf16:
                 "torch_adam": True,
             },
         },
-        "zero_optimization": {"stage": train.zero_stage},
+        "zero_optimization": {"stage": train.zero_stage, **train.deepspeed.get("zero_optimization", {})},
+        **{k: v for k, v in train.deepspeed.items() if k != "zero_optimization"},
         "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,

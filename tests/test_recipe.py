@@ -95,3 +95,21 @@ def test_recipes_ls_and_show(tmp_path):
     assert "tiny-parent" in prunectl("recipes", "ls", env=env).stdout  # the same listing, as a table
     shown = prunectl("recipes", "show", "tiny-parent", "--resolved", "train.tokens=777216", env=env).stdout
     assert "tokens: 777216" in shown and "layers: 12" in shown and "extends" not in shown
+
+
+def test_train_deepspeed_is_merged_over_the_generated_config_and_checked():
+    from prunectl.train import OptimizerConfig, TrainConfig, deepspeed_config
+
+    extra = {"zero_optimization": {"stage3_param_persistence_threshold": 0, "offload_optimizer": {"device": "cpu"}},
+             "communication_data_type": "fp32"}
+    cfg = TrainConfig(tokens=8192, seq_len=64, global_batch=16, micro_batch=8, zero_stage=3, deepspeed=extra)
+    ds = deepspeed_config(cfg, OptimizerConfig(), 2, False)
+    assert ds["zero_optimization"] == {"stage": 3, **extra["zero_optimization"]}
+    assert ds["communication_data_type"] == "fp32" and ds["gradient_accumulation_steps"] == 1
+    for bad, says in [({"optimizer": {}}, "set by prunectl from optimizer"),
+                      ({"zero_optimization": {"stage": 2}}, "set that instead"),
+                      ({"zero_optimization": {"mics_shard_size": 8}}, "not a key of DeepSpeed"),
+                      ({"zero_optimization": {"reduce_bucket_size": "big"}}, "valid integer"),
+                      ({"steps_per_print": 1}, "not a key prunectl passes to DeepSpeed")]:
+        with pytest.raises(ValueError, match=says):
+            TrainConfig(tokens=8192, seq_len=64, global_batch=16, micro_batch=8, deepspeed=bad)
