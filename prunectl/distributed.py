@@ -42,6 +42,8 @@ def init() -> RankEnv:
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed's JIT-built ops, cached per environment: two checkouts on one machine do not rebuild each other's.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     job_id = slurm_job_id = None
     try:
         import submitit

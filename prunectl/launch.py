@@ -36,6 +36,7 @@ class LaunchConfig(Strict):
     tasks_per_node: int | None = Field(None, ge=1, description="ranks per node (one per GPU on a GPU node)")
     cpus_per_task: int | None = Field(None, ge=1)
     gpus_per_node: int | None = Field(None, ge=0)
+    gpu_mem_gb: int | None = Field(None, ge=1, description="memory of one GPU: the training preflight's limit")
     mem_gb: int | None = Field(None, ge=1)
     time_min: int | None = Field(None, ge=1)
     partition: str | None = None
@@ -54,6 +55,7 @@ class Resources(BaseModel):
     tasks_per_node: int = 1
     cpus_per_task: int = 1
     gpus_per_node: int = 0
+    gpu_mem_gb: int | None = None
     mem_gb: int | None = None
     time_min: int = 60
     partition: str | None = None

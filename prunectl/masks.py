@@ -3,7 +3,12 @@
 A masked weight stays exactly zero when it starts at zero and never receives a gradient: AdamW's
 moments for it stay zero, so its update is 0 / (0 + eps) = 0, and decoupled weight decay scales
 zero to zero. Masking the gradient before DeepSpeed accumulates it therefore holds the pattern in
-the module and in ZeRO-1/2's fp32 master copy alike, whatever the optimizer state does.
+the module and in ZeRO's fp32 master copy alike, whatever the optimizer state does.
+
+ZeRO-1/2 keep every weight on every rank, and the mask beside it as a bool buffer. ZeRO-3 partitions the
+weights, so the mask is a frozen parameter of the weight's module (`keep_mask`, 0/1 in the weight's dtype):
+DeepSpeed partitions it like the weight and gathers both for the module's forward and backward, which is
+when the gradient hook reads it.
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ def save(masks: dict[str, torch.Tensor], folder: Path, metadata: dict[str, str] 
               metadata=metadata or {"kind": "keep-mask"})
 
 
-def hold(model, masks: dict[str, torch.Tensor]) -> None:
-    """Zero the masked weights now and mask their gradients on every backward pass."""
+MASK = "keep_mask"
+
+
+def hold(model, masks: dict[str, torch.Tensor], partitioned: bool = False) -> None:
+    """Zero the masked weights now and mask their gradients on every backward pass (`partitioned`: ZeRO-3)."""
     import torch
 
     params = dict(model.named_parameters())
@@ -47,11 +55,18 @@ def hold(model, masks: dict[str, torch.Tensor]) -> None:
             raise PrunectlError(f"masks: {name} {tuple(keep.shape)} does not fit the model ({got}); "
                                 "the masks belong to another architecture")
         owner = model.get_submodule(name.rsplit(".", 1)[0])
-        # A non-persistent buffer follows the module to its device and dtype-casts leave bools alone.
-        owner.register_buffer("keep_mask", keep.clone(), persistent=False)
+        if partitioned:
+            owner.register_parameter(MASK, torch.nn.Parameter(keep.to(p.dtype), requires_grad=False))
+        else:  # a non-persistent buffer follows the module to its device, and dtype casts leave bools alone
+            owner.register_buffer(MASK, keep.clone(), persistent=False)
         with torch.no_grad():
             p.masked_fill_(~keep, 0)
-        p.register_hook(lambda grad, owner=owner: grad.masked_fill(~owner.keep_mask, 0))
+        p.register_hook(lambda grad, owner=owner: grad.masked_fill(getattr(owner, MASK) == 0, 0))
+
+
+def without_masks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict without the ZeRO-3 mask parameters (final/ saves them as masks.safetensors instead)."""
+    return {k: v for k, v in state.items() if not k.endswith(f".{MASK}")}
 
 
 def violations(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> int:

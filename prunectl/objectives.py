@@ -19,6 +19,19 @@ class _Masked(Objective):
     """Holds a sparse mask (if any) from build to the saved model, and records the sparsity reached."""
 
     masks: dict | None = None
+    zero_stage: int = 0
+
+    def hold(self, model):
+        if self.masks:
+            sparse_masks.hold(model, self.masks, partitioned=self.zero_stage == 3)
+        return model
+
+    def root(self, built, cfg):
+        self.zero_stage = cfg.zero_stage
+        return super().root(self.hold(built), cfg)
+
+    def final_state(self, state):
+        return sparse_masks.without_masks(super().final_state(state))
 
     def finish(self, state: dict[str, Any], final: Path) -> dict[str, Any]:
         if not self.masks:
@@ -42,10 +55,7 @@ class RetrainObjective(_Masked):
         import torch
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.init_dir, dtype=torch.float32, attn_implementation="sdpa")
-        if self.masks:
-            sparse_masks.hold(model, self.masks)
-        return model
+        return AutoModelForCausalLM.from_pretrained(self.init_dir, dtype=torch.float32, attn_implementation="sdpa")
 
     def loss(self, engine, x, step: int):
         if self.distill is None:
@@ -54,7 +64,7 @@ class RetrainObjective(_Masked):
 
         if self.teacher is None:  # loaded once, on the rank's device, after DeepSpeed has placed the student
             self.teacher = distill.load_teacher(self.teacher_dir, x.device)
-        logits = engine(input_ids=x).logits
+        logits = engine(x, logits=True)
         ce = distill.next_token_loss(logits, x)
         kd = distill.kd_loss(logits[:, :-1], distill.teacher_logits(self.teacher, x)[:, :-1], self.distill.temperature)
         alpha = self.distill.alpha
@@ -74,7 +84,4 @@ class ScratchTwinObjective(_Masked):
 
         from . import model as models
 
-        model = models.build(AutoConfig.from_pretrained(self.like_dir), seed)
-        if self.masks:
-            sparse_masks.hold(model, self.masks)
-        return model
+        return models.build(AutoConfig.from_pretrained(self.like_dir), seed)

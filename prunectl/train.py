@@ -61,6 +61,11 @@ class TrainConfig(Strict):
     global_batch: int = Field(16, ge=1, description="sequences per optimizer step, over all ranks")
     micro_batch: int = Field(16, ge=1, description="sequences per forward pass on one rank")
     zero_stage: int = Field(2, ge=0, le=3)
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="recompute decoder layers in backward: every one (full) or every second (selective)")
+    loss_chunk_tokens: int = Field(
+        2048, ge=0, description="tokens per chunk of LM head + cross-entropy (no [tokens x vocab] logits); 0: all at once")
+    compile: bool = Field(False, description="torch.compile each decoder layer (GPU)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0: only on preemption")
     keep_checkpoints: int = Field(2, ge=1)
@@ -162,7 +167,7 @@ def lr_factor(step: int, total: int, opt: OptimizerConfig) -> float:
     return opt.min_lr_ratio + (1 - opt.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def deepspeed_config(train: TrainConfig, opt: OptimizerConfig, world: int, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(train: TrainConfig, opt: OptimizerConfig, world: int, bf16: bool, fused: bool = False) -> dict[str, Any]:
     per_step = train.micro_batch * world
     if train.global_batch % per_step:
         raise PrunectlError(
@@ -183,6 +188,7 @@ def deepspeed_config(train: TrainConfig, opt: OptimizerConfig, world: int, bf16:
                 # DeepSpeed reads this flag from params only. torch's AdamW keeps its whole state in
                 # the checkpoint (a resumed run ends bit-identical), needs no op build, same maths on CPU and GPU.
                 "torch_adam": True,
+                **({"fused": True} if fused else {}),  # one kernel for every parameter on a GPU
             },
         },
         "zero_optimization": {"stage": train.zero_stage, **train.deepspeed.get("zero_optimization", {})},
@@ -261,20 +267,32 @@ class Objective:
         )
         return models.build(hf_config, seed)
 
+    def root(self, built, cfg: TrainConfig):
+        """The module DeepSpeed trains: the LlamaForCausalLM `build` made, behind the chunked next-token loss."""
+        from .loss import CausalLM
+
+        return CausalLM(built, cfg.loss_chunk_tokens)
+
     def parameters(self, module) -> Any:
-        return module.parameters()
+        return [p for p in module.parameters() if p.requires_grad]  # not ZeRO-3's frozen mask parameters
 
     def loss(self, engine, x, step: int):
         """(loss to minimise, {name: term} logged as window means; `loss` is the next-token loss)."""
-        loss = engine(input_ids=x, labels=x).loss
+        loss = engine(x)
         return loss, {"loss": loss}
 
     def metrics(self, module) -> dict[str, Any]:
         return {}
 
     def language_model(self, module):
-        """The LlamaForCausalLM inside `module`, for held-out loss and saving."""
-        return module
+        """The LlamaForCausalLM inside the root module, for held-out loss and saving."""
+        return module.lm
+
+    def final_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The root's full state dict as `finish` and final/ read it (the LlamaForCausalLM's names)."""
+        from .loss import language_model_state
+
+        return language_model_state(state)
 
     def finish(self, state: dict[str, Any], final: Path) -> dict[str, Any]:
         """Rank 0, before the model is saved into `final` (staging): checks, extra files, summary entries."""
@@ -310,6 +328,7 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
     from . import model as models
     from . import store
     from .data import SequencePlan, TokenStream, batch, validation_starts
+    from .loss import checkpoint_layers, next_token_loss
 
     run_dir = Path(workdir or run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -327,9 +346,16 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
     plan = SequencePlan(ranges, cfg.seq_len, total_steps * cfg.global_batch, cfg.seed)
     val_starts = validation_starts(stream, cfg.eval_range, cfg.seq_len, cfg.eval_tokens)
 
-    net = objective.build(tokenizer, stream.vocab_size, cfg.seed)
-    counts = models.parameter_counts(objective.language_model(net))
-    ds_config = deepspeed_config(cfg, opt, env.world, use_bf16)
+    net = objective.root(objective.build(tokenizer, stream.vocab_size, cfg.seed), cfg)
+    lm = objective.language_model(net)
+    counts = models.parameter_counts(lm)
+    checkpoint_layers(lm, cfg.activation_checkpointing)
+    if cfg.compile:
+        for layer in lm.model.layers:
+            layer.compile()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ds_config = deepspeed_config(cfg, opt, env.world, use_bf16, fused=device.type == "cuda")
     engine, _, _, scheduler = deepspeed.initialize(
         model=net,
         model_parameters=objective.parameters(net),
@@ -372,7 +398,7 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
         with torch.no_grad():
             for i in range(0, len(mine), cfg.micro_batch):
                 x = torch.from_numpy(batch(stream, mine[i : i + cfg.micro_batch], cfg.seq_len)).to(device)
-                loss = objective.language_model(engine.module)(input_ids=x, labels=x).loss.double()
+                loss = next_token_loss(objective.language_model(engine.module), x, cfg.loss_chunk_tokens).double()
                 n = x.shape[0] * (cfg.seq_len - 1)
                 total += torch.stack([loss * n, torch.tensor(float(n), dtype=torch.float64, device=device)])
         if env.world > 1:
@@ -394,19 +420,21 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
     while step < total_steps:
         first = step * cfg.global_batch + env.rank * per_rank
         starts = plan.starts(first, per_rank)
-        for m in range(micro_steps):
-            x = torch.from_numpy(batch(stream, starts[m * cfg.micro_batch : (m + 1) * cfg.micro_batch], cfg.seq_len))
-            x = x.to(device, non_blocking=True)
+        # The step's micro-batches, copied to the device up front (from pinned memory on a GPU, without waiting).
+        xs = [torch.from_numpy(batch(stream, starts[m * cfg.micro_batch : (m + 1) * cfg.micro_batch], cfg.seq_len))
+              for m in range(micro_steps)]
+        xs = [(x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True) for x in xs]
+        for x in xs:
             loss, terms = objective.loss(engine, x, step)
             engine.backward(loss)
             engine.step()
-            for key, value in terms.items():
-                window[key] = window.get(key, 0.0) + value.item() / micro_steps
+            for key, value in terms.items():  # device tensors: no host sync until the log step
+                window[key] = window.get(key, 0.0) + value.detach().float() / micro_steps
         step += 1
         window_steps += 1
 
         if step % cfg.log_every == 0 or step == total_steps:
-            means = torch.tensor([v / window_steps for v in window.values()], device=device)
+            means = torch.stack([v / window_steps for v in window.values()]).to(device)
             if env.world > 1:
                 dist.all_reduce(means)
                 means /= env.world
@@ -443,6 +471,7 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
         reporter.close()
         if state is None:
             state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+        state = objective.final_state(state)
     summary = {
         "tokens": step * tokens_per_step,
         "final_train_loss": train_loss,  # mean over the last log window: what an LR sweep compares

@@ -82,6 +82,12 @@ class MaskObjective(Objective):
     def language_model(self, module):
         return module.llama
 
+    def root(self, built, cfg):
+        return built  # MaskedLlama's forward returns its loss and the Lagrangian itself
+
+    def final_state(self, state):
+        return state  # the masks' log-alphas stay beside the weights: the cut reads both
+
 
 def candidates(shape: Shape, ratio: float, targets: list[TargetShape], quantum: int, count: int) -> list[Shape]:
     """Listed targets, or Table 7's procedure: two hidden sizes, query heads in steps of a KV group, MLP solved."""

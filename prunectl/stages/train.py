@@ -13,8 +13,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from .. import lifecycle, lineage, store
-from .. import masks as sparse_masks
+from .. import lifecycle, lineage, memory, store
 from ..artifacts import DataMeta, TrainSummary, summary_of
 from ..errors import PrunectlError
 from ..model import locate
@@ -187,15 +186,17 @@ def check_train(r: TrainRecipe, data_run, meta: DataMeta | None, res: Resources,
     return problems
 
 
-def _sparse_zero3(r, masks_present: bool, what: str) -> list[str]:
-    if masks_present and r.train.zero_stage == 3:
-        return [f"train.zero_stage: 3 partitions the parameters, so the sparse mask of {what} cannot be held on "
-                "their gradients; use zero_stage 1 or 2"]
-    return []
+def memory_problem(r: TrainRecipe, res: Resources, shape: memory.Shape, masked: bool) -> list[str]:
+    """The preflight: a job whose estimated peak per GPU exceeds the profile's GPUs is refused (on GPUs only)."""
+    if not res.gpus_per_node or not res.gpu_mem_gb:
+        return []
+    bf16 = r.train.precision != "fp32"  # auto is bf16 on a GPU
+    problem = memory.fit_problem(r.name, shape, r.train, res.world, bf16, masked, res.gpu_mem_gb)
+    return [problem] if problem else []
 
 
 def check_retrain(root: Path, r: RetrainRecipe, res: Resources) -> dict[str, str]:
-    """Init run, data, teacher, mask/ZeRO compatibility and data disjointness; every problem at once."""
+    """Init run, data, teacher and data disjointness; every problem at once."""
     problems: list[str] = []
     inputs: dict[str, str] = {}
     init = None
@@ -218,8 +219,9 @@ def check_retrain(root: Path, r: RetrainRecipe, res: Resources) -> dict[str, str
     config = _config(init.final) if init else None
     problems += check_train(r, data_run, meta, res, config and config["vocab_size"],
                             config and config.get("max_position_embeddings"))
+    if config is not None:
+        problems += memory_problem(r, res, memory.Shape.of_hf(config), (init.final / "masks.safetensors").exists())
     if init is not None:
-        problems += _sparse_zero3(r, (init.final / sparse_masks.FILE).exists(), init.ref)
         seen = lineage.pretraining(root, init)
         if seen is not None and data_run is not None:
             problems += range_overlaps(root, data_run.ref, r.train, seen)
@@ -269,7 +271,10 @@ def check_pretrain(root: Path, r: PretrainRecipe, res: Resources) -> dict[str, s
             inputs["like"] = like.ref
             config = _config(like.final)
             vocab, max_position = config["vocab_size"], config.get("max_position_embeddings")
+            problems += memory_problem(r, res, memory.Shape.of_hf(config), (like.final / "masks.safetensors").exists())
     problems += check_train(r, data_run, meta, res, vocab, max_position)
+    if r.model is not None and (r.model.vocab or meta):
+        problems += memory_problem(r, res, memory.Shape.of_model(r.model, meta and meta.tokenizer.vocab_size), False)
     if problems:
         raise PrunectlError(*problems)
     return inputs
@@ -285,7 +290,6 @@ def _check_like(root: Path, r, data_run, problems: list[str]) -> store.Run | Non
     if stage != "prune":
         problems.append(f"like: {like.ref} is a {stage} run; a scratch twin copies the architecture of a prune run")
         return None
-    problems += _sparse_zero3(r, (like.final / sparse_masks.FILE).exists(), like.ref)
     seen = lineage.pretraining(root, like)
     if seen is not None and data_run is not None:
         if r.twin == "N":
