@@ -148,6 +148,35 @@ def test_open_masks_leave_the_function_unchanged_and_cut_to_the_target():
     dense(x)
 
 
+def test_the_cut_from_a_state_dict_matches_the_module_and_changes_nothing():
+    """What rank 0 does under ZeRO-3: cut from fit()'s consolidated state, not from the module's own tensors."""
+    from prunectl.prune import sheared
+    from prunectl.prune.hardconcrete import MaskedLlama
+
+    m, x = _model(layers=3, heads=4, kv=2, tied=False), _ids()
+    target = Shape.of(m).with_(layers=2, hidden=48, kv_heads=1, heads=2, ffn=64)
+    masked = MaskedLlama(m, target, init_log_alpha=0.5).eval()
+    with torch.no_grad():
+        for la in masked.log_alpha.values():
+            la.add_(torch.randn(la.shape))  # distinct log-alphas: a real choice of units, partly open masks
+    state = {k: v.clone() for k, v in masked.state_dict().items()}
+    before = {k: v.clone() for k, v in state.items()}
+    from_state, from_module = sheared.to_dense(masked, target, state), sheared.to_dense(masked, target)
+    assert all(torch.equal(state[k], before[k]) for k in state)  # folded out of place
+    assert all(torch.equal(v, masked.state_dict()[k]) for k, v in before.items())
+    assert Shape.of(from_state) == target
+    with torch.no_grad():
+        assert torch.equal(from_state(x).logits, from_module(x).logits)
+    assert sheared.expected_of(state) == sheared._expected_metrics(masked.expected())
+
+
+def test_candidates_spread_over_ranks_score_as_select_does_on_one_rank():
+    models, x = [_model(layers=2, seed=s) for s in range(3)], _ids()
+    rows: list[dict] = []
+    calib.select(((m, {}) for m in models), x, 4, "cpu", rows)
+    assert calib.spread(lambda k: models[k], 3, x, 4, torch.device("cpu"), 0, 1) == [r["calibration_loss"] for r in rows]
+
+
 def test_the_lagrangian_pushes_the_expected_shape_toward_the_target():
     from prunectl.prune.hardconcrete import MaskedLlama
 

@@ -100,6 +100,25 @@ def select(candidates: Iterator[tuple[LlamaForCausalLM, dict]], ids: torch.Tenso
     return best
 
 
+def spread(load: Callable[[int], LlamaForCausalLM], count: int, ids: torch.Tensor, micro: int, device, rank: int,
+           world: int) -> list[float]:
+    """Calibration loss of `count` candidates scored on every rank at once: rank r loads (`load(k)`) and scores
+    the candidates k with k % world == r, one at a time on its device, and every rank returns every loss
+    (all-reduced). On one rank these are the numbers select() computes for the same models."""
+    import torch
+
+    losses = torch.zeros(count, dtype=torch.float64, device=device)
+    for k in range(rank, count, world):
+        model = load(k).to(device)
+        losses[k] = lm_loss(model, ids, micro)
+        del model
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(losses)  # each loss is nonzero on one rank only: the sum is exact
+    return losses.tolist()
+
+
 @dataclass
 class InputStats:
     """Running statistics of one Linear input X (tokens x features), summed in float64.

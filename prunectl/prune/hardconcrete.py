@@ -33,6 +33,11 @@ class MaskedLlama(torch.nn.Module):
     """A Llama whose layers, KV groups, hidden and MLP channels are gated by masks, plus the duals of eq. 6.
 
     forward() returns (LM loss, Lagrangian); the mask values are drawn once per forward.
+
+    Under ZeRO-3 the log-alphas may be partitioned like any weight (every one of them when
+    stage3_param_persistence_threshold is 0, the MLP masks of a large parent at the default): DeepSpeed
+    gathers them only around forward and backward, so nothing outside the forward reads them from the
+    module. The forward keeps `last_expected` for metrics, and the cut reads fit()'s consolidated state.
     """
 
     def __init__(self, model: LlamaForCausalLM, target: Shape, init_log_alpha: float, dual_lr: float = 1.0,
@@ -60,6 +65,7 @@ class MaskedLlama(torch.nn.Module):
         self.register_buffer("goal", torch.tensor([target.layers / p.layers, target.kv_heads / p.kv_heads,
                                                    target.hidden / p.hidden, target.ffn / p.ffn]), persistent=False)
         self._z: dict[str, torch.Tensor] = {}
+        self.last_expected: torch.Tensor | None = None  # expected() at the last forward, detached
         self._install()
 
     def _install(self) -> None:
@@ -97,10 +103,17 @@ class MaskedLlama(torch.nn.Module):
             self.draws += 1
         self._z = {a: sample(self.log_alpha[a], self.training, generator) for a in AXES}
         out = self.llama(input_ids=input_ids, labels=labels)
-        gap = self.expected() - self.goal
+        expected = self.expected()
+        self.last_expected = expected.detach()
+        gap = expected - self.goal
         lagrangian = (self.lambdas.clone() * gap + self.phis.clone() * gap.square()).sum()
         if self.training:
             with torch.no_grad():
                 self.lambdas += self.dual_lr * gap
                 self.phis += self.dual_lr * gap.square()
         return out.loss, lagrangian
+
+
+def partitioned(param: torch.Tensor) -> bool:
+    """True when this rank holds only a ZeRO-3 slice of `param` right now (never on ZeRO 0-2)."""
+    return hasattr(param, "ds_id") and param.data.numel() < param.ds_numel

@@ -23,7 +23,9 @@ class Method:
     layerwise: bool  # walks one decoder layer at a time on the device: the parent stays on the host
     feasible: Callable[[Any, Shape], None]
     apply: Callable[[Context], Pruned]
-    learn: Callable[..., None] | None = None  # on every rank before apply (Sheared-LLaMA: mask learning)
+    # on every rank before apply: learn(run, cfg, optimizer, parent_dir, data_ref, calibration ids, micro batch)
+    # (Sheared-LLaMA: mask learning, then the candidates scored over the ranks)
+    learn: Callable[..., None] | None = None
 
 
 METHODS: dict[str, Method] = {

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,9 @@ class Shape:
     mlp_bias: bool = False
 
     @classmethod
-    def of(cls, model: LlamaForCausalLM) -> Shape:
-        c = model.config
+    def of(cls, model: LlamaForCausalLM | LlamaConfig) -> Shape:
+        """The shape of a model, or of its config."""
+        c = getattr(model, "config", model)
         return cls(
             layers=c.num_hidden_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
             kv_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
@@ -72,16 +73,19 @@ def cut(
     kv_groups: list[torch.Tensor] | None = None,
     ffn: list[torch.Tensor] | None = None,
     biases: bool = False,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> LlamaForCausalLM:
     """A new dense model keeping the given layers, hidden channels, KV groups (per kept layer) and
     MLP channels (per kept layer); None keeps everything. biases=True gives every Linear a bias
-    (zeros unless the parent's Linears already have one: FLAP's compensation in o_proj/down_proj)."""
+    (zeros unless the parent's Linears already have one: FLAP's compensation in o_proj/down_proj).
+    `state`: the weights to slice, when `model`'s own are not whole (a ZeRO-3 module's partitions);
+    default model.state_dict(). The new model lives where those weights are."""
     import torch
     from transformers import LlamaForCausalLM
 
     shape = Shape.of(model)
     layers = list(range(shape.layers)) if layers is None else list(layers)
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     new_hidden = shape.hidden if hidden is None else int(hidden.numel())
     new_kv = shape.kv_heads if kv_groups is None else int(kv_groups[0].numel())
     new_ffn = shape.ffn if ffn is None else int(ffn[0].numel())
@@ -156,4 +160,4 @@ def cut(
     if shape.tied:
         small.lm_head.weight = small.model.embed_tokens.weight
     small.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    return small.to(next(model.parameters()).device).eval()
+    return small.to(out["model.embed_tokens.weight"].device).eval()

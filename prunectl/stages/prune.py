@@ -1,5 +1,6 @@
 """`prunectl prune`: load a parent, prune it with one method of the method table, save a loadable model,
-its masks and a report. Rank 0 does the work; a method that learns (Sheared-LLaMA) trains on every rank first."""
+its masks and a report. Rank 0 does the work; a method that learns (Sheared-LLaMA) trains, and scores its
+candidates, on every rank first."""
 
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ def run(run: store.Run, recipe: PruneRecipe) -> PruneReport | None:
             if env.writer:
                 lifecycle.complete_published(run)
             return PruneReport.read(run.dir) if env.writer else None
-        if method.learn is not None:  # every rank: DeepSpeed training, resumable
-            method.learn(run, recipe.prune, recipe.optimizer, locate(run.root, inputs["parent"])[0], inputs["data"])
+        if method.learn is not None:  # every rank: DeepSpeed training, resumable, then the candidates scored
+            ids = _calibration(run.root, recipe, inputs)[0]
+            method.learn(run, recipe.prune, recipe.optimizer, locate(run.root, inputs["parent"])[0], inputs["data"],
+                         ids, recipe.calibration.micro_batch)
         if not env.writer:
             return None
         return _prune(run, recipe, inputs, env.device)
@@ -61,11 +64,8 @@ def _prune(run: store.Run, recipe: PruneRecipe, inputs: dict[str, str], device) 
         parent_dir = locate(root, inputs["parent"])[0]
         tokenizer = AutoTokenizer.from_pretrained(parent_dir)
         parent = AutoModelForCausalLM.from_pretrained(parent_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
-        data_run = store.resolve(root, inputs["data"])
-        stream = TokenStream(data_run.dir)
-        calib_run = store.resolve(root, inputs["calibration"]) if inputs.get("calibration") else data_run
-        calib_stream = stream if calib_run.same_as(data_run) else TokenStream(calib_run.dir)
-        ids = calib.sample(calib_stream, recipe.calibration, calib_run.ref) if method.calibrated else None
+        stream = TokenStream(store.resolve(root, inputs["data"]).dir)
+        ids, calib_run = _calibration(root, recipe, inputs)
         heldout = None
         if recipe.heldout.tokens:
             starts = validation_starts(stream, recipe.heldout.range, recipe.heldout.seq_len, recipe.heldout.tokens)
@@ -127,6 +127,16 @@ def _prune(run: store.Run, recipe: PruneRecipe, inputs: dict[str, str], device) 
     typed.write(run.dir)
     lifecycle.publish(run, staging, typed.summary().model_dump())
     return typed
+
+
+def _calibration(root: Path, recipe: PruneRecipe, inputs: dict[str, str]) -> tuple[torch.Tensor | None, store.Run]:
+    """The calibration sequences (None for a method that reads none; the same on every rank) and their data run."""
+    from ..data import TokenStream
+    from ..prune import calibration as calib
+
+    calib_run = store.resolve(root, inputs.get("calibration") or inputs["data"])
+    ids = calib.sample(TokenStream(calib_run.dir), recipe.calibration, calib_run.ref) if recipe.prune.spec.calibrated else None
+    return ids, calib_run
 
 
 def _per_layer(masks: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
