@@ -49,7 +49,7 @@ def test_retrain_and_its_scratch_twin_are_token_matched_and_retrain_wins(study, 
 
 
 # ZeRO-3 on 2 ranks with a persistence threshold of 0: every weight and mask is partitioned for real.
-ZERO3 = ("launch.tasks_per_node=2", "launch.cpus_per_task=1",
+ZERO3 = ("launch.tasks_per_node=2", "launch.cpus_per_task=1", "train.micro_batch=8",
          "train.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 0}}")
 
 
