@@ -224,8 +224,10 @@ def write_run_recipe(run: store.Run, recipe: Recipe) -> None:
 
 # Keys that say how a run's work is split and where it runs, not what it makes: a data run's bytes are the same
 # with any number of tokenize tasks on any nodes (tests/test_data_scale.py), so a rerun with another
-# data.workers or launch resumes (or reuses) it instead of starting a new version.
-NOT_IDENTITY = {"data": (("data", "workers"), ("launch",))}
+# data.workers or launch resumes (or reuses) it instead of starting a new version. A training run reads the
+# same sequences in the same steps on any number of ranks, and resumes on another number from its checkpoint
+# (checkpoints.py, tests/test_resume_world.py): its launch is not its identity either.
+NOT_IDENTITY = {"data": (("data", "workers"), ("launch",)), "pretrain": (("launch",),), "retrain": (("launch",),)}
 
 
 def identity(text: str) -> str:

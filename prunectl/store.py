@@ -79,6 +79,9 @@ class Manifest(BaseModel):
     finished: str | None = None
     note: str | None = None
     resumed_from: list[int] = Field(default_factory=list, description="steps at which the run resumed")
+    resumed_world: list[tuple[int, int, int]] = Field(
+        default_factory=list,
+        description="one (step, ranks that saved the checkpoint, ranks that resumed from it) per resume")
     summary: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -364,8 +364,8 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
     )
 
     ckpt_dir = run_dir / "checkpoints"
-    step, skipped = checkpoints.resume(engine, ckpt_dir, env)
-    note = (f"resumed at step {step}" + (f" ({skipped})" if skipped else "")) if step else None
+    resumed = checkpoints.resume(engine, ckpt_dir, env)  # on any number of ranks: converted when it changed
+    step, note = resumed.step, checkpoints.note(resumed, env.world)
 
     if env.writer:
         if note:
@@ -373,6 +373,8 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
         run.update(
             note=note,
             resumed_from=[*manifest.resumed_from, step] if step else manifest.resumed_from,
+            resumed_world=[*manifest.resumed_world, (step, resumed.saved_world, env.world)] if step
+            else manifest.resumed_world,
             data=store.DataUse(
                 data=data_run.ref,
                 ranges=cfg.data_ranges,

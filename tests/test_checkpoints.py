@@ -185,7 +185,7 @@ def zero_roundtrip(stage: int, folder: str) -> None:
     _step(saved, 1), _step(saved, 2)
     checkpoints.save(saved, Path(folder), 2, 0, 2, env)
     resumed = _engine(stage, 7)
-    assert checkpoints.resume(resumed, Path(folder), env) == (2, None)
+    assert checkpoints.resume(resumed, Path(folder), env) == (2, None, 1)
     assert seen and all(w is True for w in seen), seen
     # same weights, Adam moments and LR schedule: the next steps' losses agree bit for bit
     assert [_step(saved, s) for s in (3, 4, 5)] == [_step(resumed, s) for s in (3, 4, 5)]
