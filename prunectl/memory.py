@@ -2,8 +2,8 @@
 
 A job that would not fit is refused before it waits in a queue. The estimate adds, per rank:
 - parameters, gradients and the optimizer's fp32 master copy and AdamW moments, each divided by the ranks
-  that ZeRO partitions it over (stage 1: optimizer; 2: + gradients; 3: + parameters, plus the two layers
-  gathered at a time), and DeepSpeed's communication buckets;
+  that ZeRO partitions it over (stage 1: optimizer; 2: + gradients; 3: + parameters, plus the largest
+  parameters gathered whole, with one whole gradient), and DeepSpeed's communication buckets;
 - a sparse run's keep-masks (a bool per masked weight on every rank; ZeRO-3: partitioned, in the weights' dtype);
 - activations saved for backward, per token and decoder layer (`Shape.activations_per_token`), in the
   activation dtype; with checkpointing a layer keeps only its input, plus one layer recomputed at a time;
@@ -76,9 +76,12 @@ def estimate(shape: Shape, train, world: int, bf16: bool, masked: bool) -> dict[
     zero = {**DEFAULT_BUCKETS, **train.deepspeed.get("zero_optimization", {})}
     optimizer = 8 * n + (4 * n if bf16 or stage else 0)  # AdamW's moments; the fp32 master copy ZeRO keeps
     layer = shape.layer_weights
+    largest = max(shape.vocab * shape.hidden, shape.hidden * shape.ffn)  # ZeRO-3 gathers whole parameters
     parts = {
-        "parameters": p * n / world + 2 * p * layer if stage == 3 else p * n,
-        "gradients": p * n / world if stage >= 2 else p * n,
+        # ZeRO-3: a partition of everything, plus two whole parameters gathered at a time (one prefetched) and the
+        # whole gradient of one before it is reduce-scattered
+        "parameters": p * n / world + 2 * p * largest if stage == 3 else p * n,
+        "gradients": p * n / world + (p * largest if stage == 3 else 0) if stage >= 2 else p * n,
         "optimizer": optimizer / world if stage >= 1 else optimizer,
         "buffers": p * (zero["reduce_bucket_size"] + (zero["stage3_prefetch_bucket_size"] if stage == 3 else 0))
                    if stage else 0,
