@@ -36,6 +36,7 @@ from .render import console, err_console
 from .stages import compare as compare_stage
 from .stages import data as data_stage
 from .stages import eval as eval_stage
+from .stages import train as train_stage
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 recipes_app = typer.Typer(help="List and inspect recipes.", no_args_is_help=True)
@@ -167,6 +168,8 @@ def _run_stage(stage: str, recipe: str, overrides, executor: str, profile, runs_
         for each in plan.recipes:
             render.rule(f"resolved recipe {each.name}")
             render.plain(recipes.dump(each))
+        if stage in ("pretrain", "retrain") and (line := train_stage.memory_line(root, plan.recipes[0], plan.res)):
+            render.line(line)
         render.rule(f"batch script ({executor} executor{', one array' if plan.array else ''})")
         folder = root / plan.recipes[0].name / "vNNN" / "logs"
         if executor == "slurm":

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import distributed, launch, lifecycle, store
+from . import distributed, launch, lifecycle, memory, store
 from . import recipe as recipes
 from .artifacts import StudyGraph
 from .artifacts import StudyNode as Node
@@ -204,7 +204,7 @@ def dry_run_groups(root: Path, study, planned: Planner, executor: str, profile: 
         for res, bucket in _buckets(todo, profile, planned):
             deps = sorted({by_key[d].key for n in bucket for d in n.deps if by_key[d].state != "reused"})
             title = (f"{group}: {len(bucket)} job(s){' as one array' if len(bucket) > 1 else ''}"
-                     + (f", after {len(deps)} input job(s)" if deps else ""))
+                     + (f", after {len(deps)} input job(s)" if deps else "") + _memory_note(root, planned, bucket, res))
             script = None
             if executor == "slurm":
                 script = launch.batch_script(root / study.name / "vNNN" / "logs" / group, res, f"{study.name}-{group}",
@@ -225,6 +225,25 @@ def _data_dry_run(root: Path, todo: list[Node], executor: str, profile: str | No
                                          f"{r.name}-tokenize", "afterok:<job id of its tokenizer job>",
                                          tasks=workers if workers > 1 else None)
         yield title, [n], script
+
+
+def _memory_note(root: Path, planned: Planner, bucket: list[Node], res) -> str:
+    """A training group's largest estimated peak per GPU. A run whose input is not made yet is estimated with
+    its parent's shape and a mask: no prune makes a model larger, so that bounds it from above."""
+    if bucket[0].stage not in ("pretrain", "retrain"):
+        return ""
+    parent = next(n for n in planned.nodes if n.group == "parent")
+    upper = train.train_shape(root, recipes.resolve(parent.source, parent.overrides))
+    worst = 0.0
+    for n in bucket:
+        r = recipes.resolve(n.source, n.overrides)
+        found = train.train_shape(root, r) or (upper and (upper[0], n.group != "parent"))
+        if not found:
+            return ""
+        bf16 = r.train.precision == "bf16" or (r.train.precision == "auto" and res.gpus_per_node > 0)
+        worst = max(worst, memory.total(memory.estimate(found[0], r.train, res.world, bf16, found[1])))
+    unit = "GPU" if res.gpus_per_node else "rank"
+    return f", memory at most ~{worst / memory.GIB:.1f} GiB per {unit}" + (f" of {res.gpu_mem_gb}" if res.gpu_mem_gb else "")
 
 
 def budgets(root: Path, planned: Planner) -> tuple[list[dict[str, Any]], list[str]]:

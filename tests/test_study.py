@@ -24,6 +24,8 @@ def test_paper_study_dry_run_prints_the_whole_graph_and_every_batch_script(tmp_p
     scripts = [a["batch_script"] for a in plan["arrays"]]
     assert len(scripts) >= 7 and all(s.startswith("#!/bin/bash") for s in scripts)  # sheared-llama's prune: its own
     assert sorted(k for a in plan["arrays"] for k in a["nodes"]) == sorted(n["key"] for n in plan["nodes"])
+    parent_title = next(a["title"] for a in plan["arrays"] if a["title"].startswith("parent"))
+    assert parent_title.endswith("GiB per GPU of 80") and "memory at most ~" in parent_title  # the preflight's estimate
     assert any("#SBATCH --dependency='afterany:<job ids of data/paper-c4-calibration, data/paper-data, "
                "parent/paper-parent>'" in s for s in scripts)  # a prune array waits for its parent and its data
     assert all("#SBATCH --gpus-per-node=8" in s for s, a in zip(scripts, plan["arrays"]) if a["title"].startswith("parent"))

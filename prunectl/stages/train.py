@@ -186,12 +186,37 @@ def check_train(r: TrainRecipe, data_run, meta: DataMeta | None, res: Resources,
     return problems
 
 
-def memory_problem(r: TrainRecipe, res: Resources, shape: memory.Shape, masked: bool) -> list[str]:
+def train_shape(root: Path, r: TrainRecipe) -> tuple[memory.Shape, bool] | None:
+    """The architecture a training run builds and whether it holds a sparse mask: from its init or like run's
+    final/, or its model section and its data's vocabulary; None while those do not exist yet."""
+    source = getattr(r, "init", None) or getattr(r, "like", None)
+    try:
+        if source is not None:
+            final = store.resolve(root, source).final
+            return memory.Shape.of_hf(_config(final)), (final / "masks.safetensors").exists()
+        vocab = r.model.vocab or DataMeta.read(store.resolve(root, r.data).dir).tokenizer.vocab_size
+        return memory.Shape.of_model(r.model, vocab), False
+    except (PrunectlError, OSError):  # the stage's own checks say what is missing
+        return None
+
+
+def memory_line(root: Path, r: TrainRecipe, res: Resources) -> str | None:
+    """The preflight's estimate for --dry-run: per GPU (per CPU rank when the job has no GPUs)."""
+    found = train_shape(root, r)
+    if found is None:
+        return None
+    bf16 = r.train.precision == "bf16" or (r.train.precision == "auto" and res.gpus_per_node > 0)
+    parts = memory.estimate(found[0], r.train, res.world, bf16, found[1])
+    limit = f" of {res.gpu_mem_gb} GiB" if res.gpus_per_node and res.gpu_mem_gb else ""
+    return f"memory: about {memory.describe(parts)} per {'GPU' if res.gpus_per_node else 'rank'}{limit}"
+
+
+def memory_problem(root: Path, r: TrainRecipe, res: Resources) -> list[str]:
     """The preflight: a job whose estimated peak per GPU exceeds the profile's GPUs is refused (on GPUs only)."""
-    if not res.gpus_per_node or not res.gpu_mem_gb:
+    if not res.gpus_per_node or not res.gpu_mem_gb or (found := train_shape(root, r)) is None:
         return []
     bf16 = r.train.precision != "fp32"  # auto is bf16 on a GPU
-    problem = memory.fit_problem(r.name, shape, r.train, res.world, bf16, masked, res.gpu_mem_gb)
+    problem = memory.fit_problem(r.name, found[0], r.train, res.world, bf16, found[1], res.gpu_mem_gb)
     return [problem] if problem else []
 
 
@@ -219,8 +244,7 @@ def check_retrain(root: Path, r: RetrainRecipe, res: Resources) -> dict[str, str
     config = _config(init.final) if init else None
     problems += check_train(r, data_run, meta, res, config and config["vocab_size"],
                             config and config.get("max_position_embeddings"))
-    if config is not None:
-        problems += memory_problem(r, res, memory.Shape.of_hf(config), (init.final / "masks.safetensors").exists())
+    problems += memory_problem(root, r, res)
     if init is not None:
         seen = lineage.pretraining(root, init)
         if seen is not None and data_run is not None:
@@ -271,10 +295,8 @@ def check_pretrain(root: Path, r: PretrainRecipe, res: Resources) -> dict[str, s
             inputs["like"] = like.ref
             config = _config(like.final)
             vocab, max_position = config["vocab_size"], config.get("max_position_embeddings")
-            problems += memory_problem(r, res, memory.Shape.of_hf(config), (like.final / "masks.safetensors").exists())
     problems += check_train(r, data_run, meta, res, vocab, max_position)
-    if r.model is not None and (r.model.vocab or meta):
-        problems += memory_problem(r, res, memory.Shape.of_model(r.model, meta and meta.tokenizer.vocab_size), False)
+    problems += memory_problem(root, r, res)
     if problems:
         raise PrunectlError(*problems)
     return inputs
