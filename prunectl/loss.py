@@ -35,6 +35,7 @@ def checkpoint_layers(lm, mode: str) -> None:
     """Activation checkpointing of the decoder layers: `full` recomputes every layer in backward, `selective`
     every second one (torchtitan's layer-selective checkpointing at frequency 2), `none` keeps them all."""
     if mode != "none":
+        lm.config.use_cache = False  # a training forward keeps no KV cache (HF warns when checkpointing otherwise)
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
                                            every_n_layers=2 if mode == "selective" else 1)
 
