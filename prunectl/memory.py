@@ -83,7 +83,8 @@ def estimate(shape: Shape, train, world: int, bf16: bool, masked: bool) -> dict[
         "parameters": p * n / world + 2 * p * largest if stage == 3 else p * n,
         "gradients": p * n / world + (p * largest if stage == 3 else 0) if stage >= 2 else p * n,
         "optimizer": optimizer / world if stage >= 1 else optimizer,
-        "buffers": p * (zero["reduce_bucket_size"] + (zero["stage3_prefetch_bucket_size"] if stage == 3 else 0))
+        # a bucket never holds more than the whole model's gradients (or parameters, prefetched)
+        "buffers": p * min(n, zero["reduce_bucket_size"] + (zero["stage3_prefetch_bucket_size"] if stage == 3 else 0))
                    if stage else 0,
         "masks": (p * shape.layers * layer / world if stage == 3 else shape.layers * layer) if masked else 0,
     }

@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO
 
 
+@pytest.mark.slow
 def test_train_gpu_smoke_runs_every_checkpointing_mode():
     out = subprocess.run([sys.executable, "benchmarks/train_gpu.py", "--smoke"], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
