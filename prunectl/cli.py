@@ -164,12 +164,13 @@ def _run_stage(stage: str, recipe: str, overrides, executor: str, profile, runs_
     submission.check_executor(executor)
     root = store.runs_root(runs_dir)
     plan = submission.plan(stage, recipe, overrides or [], profile, root, array, sweep, dry_run)
+    memory = train_stage.memory_line(root, plan.recipes[0], plan.res) if stage in ("pretrain", "retrain") else None
     if dry_run:
         for each in plan.recipes:
             render.rule(f"resolved recipe {each.name}")
             render.plain(recipes.dump(each))
-        if stage in ("pretrain", "retrain") and (line := train_stage.memory_line(root, plan.recipes[0], plan.res)):
-            render.line(line)
+        if memory:
+            render.line(memory)
         render.rule(f"batch script ({executor} executor{', one array' if plan.array else ''})")
         folder = root / plan.recipes[0].name / "vNNN" / "logs"
         if executor == "slurm":
@@ -178,6 +179,8 @@ def _run_stage(stage: str, recipe: str, overrides, executor: str, profile, runs_
             render.plain(f"{executor}: {plan.res.world} rank(s) on this machine, {plan.res.cpus_per_task} CPU thread(s) "
                          f"each; logs in {folder}")
         return
+    if memory:  # the preflight's estimate (a job that would not fit its GPUs was refused by the check)
+        render.line(memory)
     submitted = submission.submit(plan, root, executor, new, render.line)
     if plan.choice is not None:
         losses = ", ".join(f"{lr}: {loss:.4f}" for lr, loss in plan.choice.final_train_loss.items())

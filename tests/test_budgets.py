@@ -37,6 +37,7 @@ def test_a_budget_larger_than_its_range_is_refused_before_anything_is_submitted(
     assert "train.tokens: test-parent" in err  # a sweep is checked against the budget of the run it chooses for
     out = prunectl("pretrain", "test-parent", "train.tokens=4194304", "train.allow_epochs=true", "--dry-run", env=env)
     assert "allow_epochs: true" in out.stdout and not list(runs.glob("test-parent/v*"))
+    assert "memory: about " in out.stdout and " per rank" in out.stdout  # the preflight's estimate, on a CPU
 
 
 def test_the_paper_study_dry_run_shows_budgets_and_refuses_too_few_documents(tmp_path):
