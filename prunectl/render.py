@@ -140,7 +140,9 @@ def data_prepared(run: store.Run, meta: DataMeta) -> None:
 def prune_report(report: PruneReport) -> None:
     """The terminal view of report.json."""
     before, after = report.architecture["before"], report.architecture["after"]
-    t = Table(title=f"{report.method}{' ' + report.pattern if report.pattern else ''}: "
+    from .prune.sparse import describe_pattern
+
+    t = Table(title=f"{report.method}{' ' + describe_pattern(report.pattern) if report.pattern else ''}: "
                     f"target {report.target_ratio:.1%}, achieved {report.achieved_ratio:.1%} ({report.ratio_of})")
     t.add_column("")
     t.add_column("parent", justify="right")

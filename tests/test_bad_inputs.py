@@ -258,6 +258,8 @@ CASES: list[Case] = [
          mentions=("base.yaml",)),
     Case("show:pattern-5:4", ["recipes", "show", WANDA24, "prune.pattern=5:4", "--resolved"], mentions=("prune.pattern",)),
     Case("show:pattern-0:4", ["recipes", "show", WANDA24, "prune.pattern=0:4", "--resolved"], mentions=("prune.pattern",)),
+    Case("show:pattern-1:4-is-ambiguous", ["recipes", "show", WANDA24, "prune.pattern=1:4", "--resolved"],
+         mentions=("prune.pattern", "keep 1 of 4")),
     Case("show:pattern-words", ["recipes", "show", WANDA24, "prune.pattern=two-of-four", "--resolved"],
          mentions=("prune.pattern",)),
     Case("show:name-../x", ["recipes", "show", PARENT, "name=../x", "--resolved"], mentions=("name",)),

@@ -131,6 +131,18 @@ def test_patterns():
         sparse.parse_pattern("4:2")
 
 
+def test_n_m_is_refused_where_nvidias_and_the_wanda_codes_readings_differ():
+    """prunectl keeps N of M; Wanda's and SparseGPT's flags prune N of M. Same for 2:4 and 4:8, opposite for 1:4."""
+    assert sparse.parse_pattern("2:4") == (2, 4) and sparse.parse_pattern("keep 1 of 4") == (1, 4)
+    assert sparse.parse_pattern("prune 1 of 4") == (3, 4) and sparse.parse_pattern("prune 2 of 4") == (2, 4)
+    with pytest.raises(ValueError, match="write 'keep 1 of 4' or 'prune 1 of 4'"):
+        sparse.parse_pattern("1:4")
+    assert sparse.describe_pattern("2:4") == "2:4 (keep 2 of every 4)"
+    assert sparse.describe_pattern("prune 1 of 4") == "prune 1 of 4 (keep 3 of every 4)"
+    mask = sparse.wanda_mask(torch.arange(1.0, 9.0).reshape(1, 8), torch.ones(8), 0.25, sparse.parse_pattern("prune 1 of 4"))
+    assert mask.tolist() == [[False, True, True, True, False, True, True, True]]  # the smallest of each 4 pruned
+
+
 def test_open_masks_leave_the_function_unchanged_and_cut_to_the_target():
     from prunectl.prune import sheared
     from prunectl.prune.hardconcrete import MaskedLlama

@@ -6,6 +6,8 @@ as boolean keep-masks (True = weight kept) that retraining holds fixed.
 
 from __future__ import annotations
 
+import re
+
 from typing import TYPE_CHECKING
 
 from pydantic import Field
@@ -25,14 +27,34 @@ class SparseGPTConfig(Strict):
     dampening: float = Field(0.01, gt=0, description="added to the Hessian diagonal, as a fraction of its mean")
 
 
+PATTERN = re.compile(r"(?:(keep|prune) (\d+) of (\d+)|(\d+):(\d+))")
+
+
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """'unstructured' -> None, 'N:M' -> (N, M) with 0 < N < M."""
+    """'unstructured' -> None; otherwise (weights kept, group size).
+
+    prunectl's N:M keeps N of every M weights (NVIDIA's sparse tensor cores); the Wanda and SparseGPT code's
+    flags count the weights pruned instead. The two readings agree only when N is half of M (2:4, 4:8), so any
+    other N:M is refused unless written as `keep N of M` or `prune N of M`."""
     if pattern == "unstructured":
         return None
-    n, _, m = pattern.partition(":")
-    if not (n.isdigit() and m.isdigit()) or not 0 < int(n) < int(m):
-        raise ValueError(f"'{pattern}' is not 'unstructured' or N:M with 0 < N < M (e.g. 2:4)")
-    return int(n), int(m)
+    found = PATTERN.fullmatch(pattern.strip())
+    if not found:
+        raise ValueError(f"'{pattern}' is not 'unstructured', N:M such as 2:4, or 'keep N of M' / 'prune N of M'")
+    verb, n, m = (found[1], found[2], found[3]) if found[1] else (None, found[4], found[5])
+    n, m = int(n), int(m)
+    if not 0 < n < m:
+        raise ValueError(f"'{pattern}': N of M needs 0 < N < M (e.g. 2:4)")
+    if verb is None and 2 * n != m:
+        raise ValueError(f"'{pattern}' reads as keep {n} of {m} (NVIDIA) or prune {n} of {m} (the Wanda and "
+                         f"SparseGPT code); write 'keep {n} of {m}' or 'prune {n} of {m}'")
+    return (m - n, m) if verb == "prune" else (n, m)
+
+
+def describe_pattern(pattern: str) -> str:
+    """The pattern with the convention it was read in: '2:4 (keep 2 of every 4)'."""
+    nm = parse_pattern(pattern)
+    return pattern if nm is None else f"{pattern} (keep {nm[0]} of every {nm[1]})"
 
 
 def keep_top_per_row(score: torch.Tensor, ratio: float) -> torch.Tensor:
