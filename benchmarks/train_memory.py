@@ -55,7 +55,7 @@ def train_config(args, zero: int, checkpointing: str, chunk: int):
 
 
 def shape(args):
-    from prunectl.memory import Shape
+    from prunectl.model import Shape
 
     return Shape(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
                  head_dim=args.hidden // args.heads, ffn=args.ffn, vocab=args.vocab)
@@ -118,7 +118,7 @@ def main() -> None:
     from prunectl.memory import estimate, total
 
     s = shape(args)
-    print(f"Llama: {s.parameters / 1e6:.0f}M parameters ({args.layers} layers, hidden {args.hidden}, vocab "
+    print(f"Llama: {s.parameters() / 1e6:.0f}M parameters ({args.layers} layers, hidden {args.hidden}, vocab "
           f"{args.vocab:,}); {args.seq} tokens per rank; 2 ranks, fp32, CPU; loss chunk {args.chunk} tokens")
     peaks = {}
     print(f"{'setting':50s} {'rank 0 MiB':>11s} {'rank 1 MiB':>11s} {'estimate MiB':>13s} {'estimate/measured':>18s}")

@@ -5,7 +5,7 @@ A job that would not fit is refused before it waits in a queue. The estimate add
   that ZeRO partitions it over (stage 1: optimizer; 2: + gradients; 3: + parameters, plus the largest
   parameters gathered whole, with one whole gradient), and DeepSpeed's communication buckets;
 - a sparse run's keep-masks (a bool per masked weight on every rank; ZeRO-3: partitioned, in the weights' dtype);
-- activations saved for backward, per token and decoder layer (`Shape.activations_per_token`), in the
+- activations saved for backward, per token and decoder layer (`activations_per_token`), in the
   activation dtype; with checkpointing a layer keeps only its input, plus one layer recomputed at a time;
 - the logits of one loss chunk: 16-bit logits, their fp32 copy and its gradient.
 The coefficients are checked against measured peaks by benchmarks/train_memory.py (within 25% of the growth).
@@ -13,69 +13,30 @@ The coefficients are checked against measured peaks by benchmarks/train_memory.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from .model import Shape
 
 GIB = 1 << 30
 USABLE = 0.9  # of a GPU's memory: the rest is the CUDA context, NCCL buffers and the allocator's fragmentation
 DEFAULT_BUCKETS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000}
 
 
-@dataclass(frozen=True)
-class Shape:
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-    tied: bool = False
-
-    @classmethod
-    def of_hf(cls, config: dict[str, Any]) -> Shape:
-        heads = config["num_attention_heads"]
-        return cls(layers=config["num_hidden_layers"], hidden=config["hidden_size"], heads=heads,
-                   kv_heads=config.get("num_key_value_heads") or heads,
-                   head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-                   ffn=config["intermediate_size"], vocab=config["vocab_size"],
-                   tied=bool(config.get("tie_word_embeddings", False)))
-
-    @classmethod
-    def of_model(cls, model, vocab: int) -> Shape:
-        """From a recipe's `model:` section (prunectl.model.ModelConfig)."""
-        return cls(layers=model.layers, hidden=model.hidden, heads=model.heads, kv_heads=model.kv_heads or model.heads,
-                   head_dim=model.head_dim or model.hidden // model.heads, ffn=model.ffn, vocab=model.vocab or vocab,
-                   tied=model.tie_embeddings)
-
-    @property
-    def layer_weights(self) -> int:
-        """The weights of one decoder layer's linears (what a sparse mask covers)."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return self.hidden * (2 * q + 2 * kv) + 3 * self.hidden * self.ffn
-
-    @property
-    def parameters(self) -> int:
-        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
-        return embeddings + self.layers * (self.layer_weights + 2 * self.hidden) + self.hidden
-
-    def activations_per_token(self, layers: int, bf16: bool) -> float:
-        """Elements saved for backward per token by `layers` decoder layers kept whole: each RMSNorm keeps its
-        input, the product and output, plus fp32 copies of the first two when training in 16 bits; the attention
-        block its input, q, k and v before and after RoPE, the attention output twice (o_proj's input is a
-        contiguous copy); the MLP its input, gate, up, SiLU(gate) and their product."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        norms = 2 * (3 + (3 if bf16 else 0)) * self.hidden
-        return layers * (norms + 2 * self.hidden + 4 * q + 3 * kv + 4 * self.ffn)
+def activations_per_token(shape: Shape, layers: int, bf16: bool) -> float:
+    """Elements saved for backward per token by `layers` decoder layers kept whole: each RMSNorm keeps its
+    input, the product and output, plus fp32 copies of the first two when training in 16 bits; the attention
+    block its input, q, k and v before and after RoPE, the attention output twice (o_proj's input is a
+    contiguous copy); the MLP its input, gate, up, SiLU(gate) and their product."""
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    norms = 2 * (3 + (3 if bf16 else 0)) * shape.hidden
+    return layers * (norms + 2 * shape.hidden + 4 * q + 3 * kv + 4 * shape.ffn)
 
 
 def estimate(shape: Shape, train, world: int, bf16: bool, masked: bool) -> dict[str, float]:
     """Bytes per rank of each part of a training job's peak (`train`: a TrainConfig)."""
-    n, p = shape.parameters, 2 if bf16 else 4
+    n, p = shape.parameters(), 2 if bf16 else 4
     stage = train.zero_stage
     zero = {**DEFAULT_BUCKETS, **train.deepspeed.get("zero_optimization", {})}
     optimizer = 8 * n + (4 * n if bf16 or stage else 0)  # AdamW's moments; the fp32 master copy ZeRO keeps
-    layer = shape.layer_weights
+    layer = shape.linear_weights()
     largest = max(shape.vocab * shape.hidden, shape.hidden * shape.ffn)  # ZeRO-3 gathers whole parameters
     parts = {
         # ZeRO-3: a partition of everything, plus two whole parameters gathered at a time (one prefetched) and the
@@ -92,7 +53,7 @@ def estimate(shape: Shape, train, world: int, bf16: bool, masked: bool) -> dict[
     whole = {"none": shape.layers, "selective": shape.layers // 2, "full": 0}[train.activation_checkpointing]
     recomputed = 0 if whole == shape.layers else 1  # the one layer being recomputed in backward
     inputs_only = shape.layers - whole
-    parts["activations"] = p * tokens * (shape.activations_per_token(whole + recomputed, bf16)
+    parts["activations"] = p * tokens * (activations_per_token(shape, whole + recomputed, bf16)
                                          + inputs_only * shape.hidden + 4 * shape.hidden)
     chunk = min(train.loss_chunk_tokens or tokens, tokens)
     parts["logits"] = chunk * shape.vocab * (p + 8)

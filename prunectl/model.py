@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -71,6 +72,81 @@ def build(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama macro-architecture, enough to count its parameters exactly."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    tied: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def of(cls, model: LlamaForCausalLM | LlamaConfig) -> Shape:
+        """The shape of a model, or of its config."""
+        c = getattr(model, "config", model)
+        return cls(
+            layers=c.num_hidden_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
+            kv_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            ffn=c.intermediate_size, vocab=c.vocab_size, tied=bool(c.tie_word_embeddings),
+            attention_bias=bool(getattr(c, "attention_bias", False)), mlp_bias=bool(getattr(c, "mlp_bias", False)),
+        )
+
+    @classmethod
+    def of_json(cls, config: dict[str, Any]) -> Shape:
+        """The shape a Hugging Face config.json describes (KeyError when it is not a complete Llama config)."""
+        heads = config["num_attention_heads"]
+        return cls(
+            layers=config["num_hidden_layers"], hidden=config["hidden_size"], heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads, ffn=config["intermediate_size"],
+            vocab=config["vocab_size"], tied=bool(config.get("tie_word_embeddings")),
+            attention_bias=bool(config.get("attention_bias")), mlp_bias=bool(config.get("mlp_bias")),
+        )
+
+    @classmethod
+    def of_model(cls, model: ModelConfig, vocab: int) -> Shape:
+        """The shape a recipe's `model:` section builds, with the tokenizer's vocabulary unless it sets one."""
+        return cls(layers=model.layers, hidden=model.hidden, heads=model.heads, kv_heads=model.kv_heads or model.heads,
+                   head_dim=model.head_dim or model.hidden // model.heads, ffn=model.ffn, vocab=model.vocab or vocab,
+                   tied=model.tie_embeddings)
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.heads // self.kv_heads
+
+    def linear_weights(self) -> int:
+        """One decoder layer's Linear weights: what a sparse mask covers."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return self.hidden * (2 * q + 2 * kv) + 3 * self.hidden * self.ffn
+
+    def per_layer(self) -> int:
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attention = self.hidden * (2 * q + 2 * kv) + (q + 2 * kv + self.hidden if self.attention_bias else 0)
+        mlp = 3 * self.hidden * self.ffn + (2 * self.ffn + self.hidden if self.mlp_bias else 0)
+        return attention + mlp + 2 * self.hidden  # two RMSNorms
+
+    def embedding(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def parameters(self) -> int:
+        return self.embedding() + self.layers * self.per_layer() + self.hidden  # + final norm
+
+    def describe(self) -> dict[str, int]:
+        return {"layers": self.layers, "hidden": self.hidden, "heads": self.heads, "kv_heads": self.kv_heads,
+                "ffn": self.ffn, "parameters": self.parameters()}
+
+    def with_(self, **changes) -> Shape:
+        return replace(self, **changes)
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from prunectl import launch, memory
+from prunectl.model import Shape
 from prunectl.recipe import resolve
 from prunectl.stages.train import memory_problem
 
 RETRAIN = "recipes/paper/retrain/wanda-50-r10b.yaml"
 
 
-def _paper_shape() -> memory.Shape:
+def _paper_shape() -> Shape:
     parent = resolve("recipes/paper/parent.yaml")
-    return memory.Shape.of_model(parent.model, 128_256)  # Llama-3.1-8B; a 50% sparse prune keeps every shape
+    return Shape.of_model(parent.model, 128_256)  # Llama-3.1-8B; a 50% sparse prune keeps every shape
 
 
 def test_llama_3_1_8b_has_8b_parameters():
-    assert 8.02e9 < _paper_shape().parameters < 8.04e9
+    assert 8.02e9 < _paper_shape().parameters() < 8.04e9
 
 
 def test_a_sparse_retrain_at_zero2_without_checkpointing_is_refused_and_zero3_selective_fits():

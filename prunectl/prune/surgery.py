@@ -6,63 +6,15 @@ this module turns that choice into a new LlamaForCausalLM whose weights are slic
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
+
+from ..model import Shape
 
 if TYPE_CHECKING:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-
-@dataclass(frozen=True)
-class Shape:
-    """A Llama macro-architecture, enough to count its parameters exactly."""
-
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-    tied: bool
-    attention_bias: bool = False
-    mlp_bias: bool = False
-
-    @classmethod
-    def of(cls, model: LlamaForCausalLM | LlamaConfig) -> Shape:
-        """The shape of a model, or of its config."""
-        c = getattr(model, "config", model)
-        return cls(
-            layers=c.num_hidden_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
-            kv_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-            ffn=c.intermediate_size, vocab=c.vocab_size, tied=bool(c.tie_word_embeddings),
-            attention_bias=bool(getattr(c, "attention_bias", False)), mlp_bias=bool(getattr(c, "mlp_bias", False)),
-        )
-
-    @property
-    def group(self) -> int:
-        """Query heads per KV head."""
-        return self.heads // self.kv_heads
-
-    def per_layer(self) -> int:
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        attention = self.hidden * (2 * q + 2 * kv) + (q + 2 * kv + self.hidden if self.attention_bias else 0)
-        mlp = 3 * self.hidden * self.ffn + (2 * self.ffn + self.hidden if self.mlp_bias else 0)
-        return attention + mlp + 2 * self.hidden  # two RMSNorms
-
-    def embedding(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied else 2)
-
-    def parameters(self) -> int:
-        return self.embedding() + self.layers * self.per_layer() + self.hidden  # + final norm
-
-    def describe(self) -> dict[str, int]:
-        return {"layers": self.layers, "hidden": self.hidden, "heads": self.heads, "kv_heads": self.kv_heads,
-                "ffn": self.ffn, "parameters": self.parameters()}
-
-    def with_(self, **changes) -> Shape:
-        return replace(self, **changes)
+__all__ = ["Shape", "cut"]  # Shape lives in model.py; the prune methods name it from here
 
 
 def cut(

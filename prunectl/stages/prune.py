@@ -212,11 +212,7 @@ def check(root: Path, r: PruneRecipe, res: Resources) -> dict[str, str]:
             problems.append(f"parent: {r.parent} is a {config.get('model_type')} model; prunectl prunes Llama models")
         else:
             try:
-                shape = Shape(layers=config["num_hidden_layers"], hidden=config["hidden_size"],
-                              heads=config["num_attention_heads"], kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-                              head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
-                              ffn=config["intermediate_size"], vocab=config["vocab_size"],
-                              tied=bool(config.get("tie_word_embeddings")))
+                shape = Shape.of_json(config)
             except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
                 problems.append(f"parent: {parent_dir / 'config.json'} is not a complete Llama config "
                                 f"({type(err).__name__}: {err}); re-save the model with save_pretrained")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Union
 from .. import lifecycle, lineage, memory, store
 from ..artifacts import DataMeta, TrainSummary, summary_of
 from ..errors import PrunectlError
-from ..model import locate
+from ..model import Shape, locate
 from ..sweep import SweepChoice, prefix_overrides
 
 if TYPE_CHECKING:
@@ -186,17 +186,17 @@ def check_train(r: TrainRecipe, data_run, meta: DataMeta | None, res: Resources,
     return problems
 
 
-def train_shape(root: Path, r: TrainRecipe) -> tuple[memory.Shape, bool] | None:
+def train_shape(root: Path, r: TrainRecipe) -> tuple[Shape, bool] | None:
     """The architecture a training run builds and whether it holds a sparse mask: from its init or like run's
     final/, or its model section and its data's vocabulary; None while those do not exist yet."""
     source = getattr(r, "init", None) or getattr(r, "like", None)
     try:
         if source is not None:
             final = store.resolve(root, source).final
-            return memory.Shape.of_hf(_config(final)), (final / "masks.safetensors").exists()
+            return Shape.of_json(_config(final)), (final / "masks.safetensors").exists()
         vocab = r.model.vocab or DataMeta.read(store.resolve(root, r.data).dir).tokenizer.vocab_size
-        return memory.Shape.of_model(r.model, vocab), False
-    except (PrunectlError, OSError):  # the stage's own checks say what is missing
+        return Shape.of_model(r.model, vocab), False
+    except (PrunectlError, OSError, KeyError):  # the stage's own checks say what is missing
         return None
 
 
