@@ -8,8 +8,9 @@ hidden 512, 8 heads, 2 KV heads, ffn 1536: 156M parameters). Each setting runs i
 
 What it measures, per rank: the growth of resident memory from just before the model is built to the peak of the
 second training step (Linux VmHWM, reset after the first step: the steady state every later step repeats, with
-the optimizer's state in place; the model build's own peak is left out, since prunectl builds the full model on
-every rank before ZeRO-3 partitions it). The CPU proxy for per-GPU memory.
+the optimizer's state in place), and, apart, the peak of the model build itself: the whole model on every rank
+at ZeRO-0, made straight into partitions at ZeRO-3 (deepspeed.zero.Init, as train.fit does). The CPU proxy for
+per-GPU memory.
 
     .venv/bin/python benchmarks/train_memory.py [--layers 8 --hidden 512 --vocab 128256 --seq 2048 --chunk 256]
 """
@@ -76,13 +77,15 @@ def rank(r: int, port: int, args, setting: tuple, out) -> None:
     _, zero, checkpointing, chunk = setting
     cfg = train_config(args, zero, checkpointing, args.chunk if chunk is None else chunk)
     s = shape(args)
-    base = _status("VmRSS")
     config = models.llama_config(models.ModelConfig(layers=s.layers, hidden=s.hidden, heads=s.heads,
                                                     kv_heads=s.kv_heads, ffn=s.ffn, vocab=s.vocab), s.vocab, 1, 2, 0)
-    root = CausalLM(models.build(config, 0), cfg.loss_chunk_tokens)
+    ds_config = deepspeed_config(cfg, OptimizerConfig(), 2, False)
+    base = _status("VmRSS")
+    # as train.fit builds it: ZeRO-3 makes the model straight into partitions (deepspeed.zero.Init)
+    root = CausalLM(models.build(config, 0, ds_config if zero == 3 else None), cfg.loss_chunk_tokens)
+    built = (_status("VmHWM") - base) / MIB
     checkpoint_layers(root.lm, checkpointing)
-    engine, *_ = deepspeed.initialize(model=root, model_parameters=[p for p in root.parameters()],
-                                      config=deepspeed_config(cfg, OptimizerConfig(), 2, False))
+    engine, *_ = deepspeed.initialize(model=root, model_parameters=[p for p in root.parameters()], config=ds_config)
     engine.train()
     for step in range(2):  # the first step creates the optimizer's state; the second is every later step
         if step == 1:
@@ -91,10 +94,10 @@ def rank(r: int, port: int, args, setting: tuple, out) -> None:
         loss = engine(x)
         engine.backward(loss)
         engine.step()
-    out.put((r, (_status("VmHWM") - base) / MIB, loss.item()))
+    out.put((r, (_status("VmHWM") - base) / MIB, built))
 
 
-def measure(args, setting) -> list[float]:
+def measure(args, setting) -> tuple[list[float], list[float]]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     with socket.socket() as sock:
@@ -106,7 +109,7 @@ def measure(args, setting) -> list[float]:
     results = sorted(out.get(timeout=1800) for _ in procs)
     for p in procs:
         p.join()
-    return [growth for _, growth, _ in results]
+    return [growth for _, growth, _ in results], [built for _, _, built in results]
 
 
 def main() -> None:
@@ -120,20 +123,27 @@ def main() -> None:
     s = shape(args)
     print(f"Llama: {s.parameters() / 1e6:.0f}M parameters ({args.layers} layers, hidden {args.hidden}, vocab "
           f"{args.vocab:,}); {args.seq} tokens per rank; 2 ranks, fp32, CPU; loss chunk {args.chunk} tokens")
-    peaks = {}
-    print(f"{'setting':50s} {'rank 0 MiB':>11s} {'rank 1 MiB':>11s} {'estimate MiB':>13s} {'estimate/measured':>18s}")
+    peaks, builds = {}, {}
+    print(f"{'setting':50s} {'rank 0 MiB':>11s} {'rank 1 MiB':>11s} {'estimate MiB':>13s} {'estimate/measured':>18s}"
+          f" {'build peak MiB':>15s}")
     for setting in SETTINGS:
         label, zero, checkpointing, chunk = setting
-        growth = measure(args, setting)
+        growth, built = measure(args, setting)
         cfg = train_config(args, zero, checkpointing, args.chunk if chunk is None else chunk)
         est = total(estimate(s, cfg, 2, False, False)) / MIB
-        peaks[label] = max(growth)
-        print(f"{label:50s} {growth[0]:11.0f} {growth[1]:11.0f} {est:13.0f} {est / max(growth):18.2f}", flush=True)
+        peaks[label], builds[label] = max(growth), max(built)
+        print(f"{label:50s} {growth[0]:11.0f} {growth[1]:11.0f} {est:13.0f} {est / max(growth):18.2f}"
+              f" {max(built):15.0f}", flush=True)
     names = [label for label, *_ in SETTINGS]
     print()
     for what, a, b in (("full-vocabulary loss / chunked loss", names[0], names[1]),
                        ("checkpointing off / on", names[1], names[2]), ("ZeRO-0 / ZeRO-3", names[2], names[3])):
         print(f"{what:40s} {peaks[a] / peaks[b]:.2f}x  (peak per rank {peaks[a]:.0f} / {peaks[b]:.0f} MiB)")
+    # The build: ZeRO-0 holds the whole fp32 model on each rank; zero.Init its half plus one module made whole.
+    whole, largest = 4 * s.parameters() / MIB, 4 * s.vocab * s.hidden / MIB
+    print(f"{'model build, ZeRO-0 / ZeRO-3 (zero.Init)':40s} {builds[names[2]] / builds[names[3]]:.2f}x  (peak per rank "
+          f"{builds[names[2]]:.0f} / {builds[names[3]]:.0f} MiB; whole model {whole:.0f} MiB, half {whole / 2:.0f} + "
+          f"largest module {largest:.0f} MiB)")
 
 
 if __name__ == "__main__":

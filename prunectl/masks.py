@@ -13,6 +13,7 @@ when the gradient hook reads it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,12 +25,35 @@ if TYPE_CHECKING:
 FILE = "masks.safetensors"
 
 
-def load(model_dir: Path) -> dict[str, torch.Tensor] | None:
-    """Parameter name -> boolean keep-mask, or None for a dense model."""
-    from safetensors.torch import load_file
-
+def load(model_dir: Path) -> Mapping[str, torch.Tensor] | None:
+    """Parameter name -> boolean keep-mask, or None for a dense model; each mask is read when it is used."""
     path = Path(model_dir) / FILE
-    return {k: v.bool() for k, v in load_file(str(path)).items()} if path.exists() else None
+    return Stored(path) if path.exists() else None
+
+
+class Stored(Mapping):
+    """Keep-masks read from their file one at a time: a rank never holds them all (model-sized at 8B)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        with safe_open(str(path), framework="pt") as f:
+            self.names = list(f.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.names:
+            raise KeyError(name)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(name).bool()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def save(masks: dict[str, torch.Tensor], folder: Path, metadata: dict[str, str] | None = None) -> None:
@@ -43,24 +67,32 @@ def save(masks: dict[str, torch.Tensor], folder: Path, metadata: dict[str, str] 
 MASK = "keep_mask"
 
 
-def hold(model, masks: dict[str, torch.Tensor], partitioned: bool = False) -> None:
-    """Zero the masked weights now and mask their gradients on every backward pass (`partitioned`: ZeRO-3)."""
+def hold(model, masks: Mapping[str, torch.Tensor], partitioned: bool = False) -> None:
+    """Zero the masked weights now and mask their gradients on every backward pass (`partitioned`: ZeRO-3).
+
+    A model already in ZeRO-3 partitions (prunectl.zero3) has each weight gathered in turn and its mask
+    partitioned as soon as it is made, so only one full mask and weight exist at a time."""
     import torch
 
+    from .zero3 import full_shape, gathered, partitioned as in_partitions
+
     params = dict(model.named_parameters())
-    for name, keep in masks.items():
-        p = params.get(name)
-        if p is None or p.shape != keep.shape:
-            got = "missing" if p is None else f"shaped {tuple(p.shape)}"
+    for name in masks:
+        keep, p = masks[name], params.get(name)
+        if p is None or full_shape(p) != tuple(keep.shape):
+            got = "missing" if p is None else f"shaped {full_shape(p)}"
             raise PrunectlError(f"masks: {name} {tuple(keep.shape)} does not fit the model ({got}); "
                                 "the masks belong to another architecture")
         owner = model.get_submodule(name.rsplit(".", 1)[0])
+        with gathered([p], modifier_rank=0), torch.no_grad():
+            p.masked_fill_(~keep, 0)
         if partitioned:
-            owner.register_parameter(MASK, torch.nn.Parameter(keep.to(p.dtype), requires_grad=False))
+            mask = torch.nn.Parameter(keep.to(p.dtype), requires_grad=False)
+            owner.register_parameter(MASK, mask)
+            if in_partitions(p):
+                p.convert_to_zero_parameters([mask])
         else:  # a non-persistent buffer follows the module to its device, and dtype casts leave bools alone
             owner.register_buffer(MASK, keep.clone(), persistent=False)
-        with torch.no_grad():
-            p.masked_fill_(~keep, 0)
         p.register_hook(lambda grad, owner=owner: grad.masked_fill(getattr(owner, MASK) == 0, 0))
 
 

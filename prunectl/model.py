@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -64,14 +65,29 @@ def llama_config(cfg: ModelConfig, vocab_size: int, bos: int | None, eos: int | 
     )
 
 
-def build(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
-    """Random initialisation that depends on the seed alone."""
+def build(config: LlamaConfig, seed: int, zero3: dict[str, Any] | None = None) -> LlamaForCausalLM:
+    """Random initialisation that depends on the seed alone. With `zero3` (a DeepSpeed config) the same
+    weights are made straight into ZeRO-3 partitions (prunectl.zero3)."""
     import torch
     from transformers import LlamaForCausalLM
 
+    from . import zero3 as partitions
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
+        return LlamaForCausalLM(config) if zero3 is None else partitions.build(config, zero3)
+
+
+def load(folder: Path, zero3: dict[str, Any] | None = None) -> LlamaForCausalLM:
+    """A saved Llama in fp32 for training; with `zero3`, read straight into ZeRO-3 partitions."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from . import zero3 as partitions
+
+    if zero3 is not None:
+        return partitions.load(folder, zero3)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
 
 
 @dataclass(frozen=True)
@@ -150,17 +166,22 @@ class Shape:
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
-    """Total (tied weights once), embedding and non-zero parameter counts."""
+    """Total (tied weights once), embedding and non-zero parameter counts (ZeRO-3 partitions gathered one at a time)."""
+    from .masks import MASK
+    from .zero3 import full_shape, gathered
+
     seen: set[int] = set()
     total = embedding = nonzero = 0
     for name, p in model.named_parameters():
-        if id(p) in seen:
+        if id(p) in seen or name.endswith(f".{MASK}"):  # ZeRO-3 holds a sparse mask as a frozen parameter
             continue
         seen.add(id(p))
-        total += p.numel()
-        nonzero += int((p != 0).sum())
+        numel = math.prod(full_shape(p))
+        total += numel
+        with gathered([p]):
+            nonzero += int((p != 0).sum())
         if "embed_tokens" in name or "lm_head" in name:
-            embedding += p.numel()
+            embedding += numel
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "nonzero": nonzero}
 
 

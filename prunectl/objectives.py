@@ -51,11 +51,10 @@ class RetrainObjective(_Masked):
         self.tokenizer = AutoTokenizer.from_pretrained(self.init_dir)
         self.teacher = None
 
-    def build(self, tokenizer, vocab_size: int, seed: int):
-        import torch
-        from transformers import AutoModelForCausalLM
+    def build(self, tokenizer, vocab_size: int, seed: int, zero3=None):
+        from . import model as models
 
-        return AutoModelForCausalLM.from_pretrained(self.init_dir, dtype=torch.float32, attn_implementation="sdpa")
+        return models.load(self.init_dir, zero3)
 
     def loss(self, engine, x, step: int):
         if self.distill is None:
@@ -79,9 +78,9 @@ class ScratchTwinObjective(_Masked):
         self.like_dir = Path(like_dir)
         self.masks = sparse_masks.load(self.like_dir)
 
-    def build(self, tokenizer, vocab_size: int, seed: int):
+    def build(self, tokenizer, vocab_size: int, seed: int, zero3=None):
         from transformers import AutoConfig
 
         from . import model as models
 
-        return models.build(AutoConfig.from_pretrained(self.like_dir), seed)
+        return models.build(AutoConfig.from_pretrained(self.like_dir), seed, zero3)

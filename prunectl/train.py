@@ -259,13 +259,14 @@ class Objective:
     def __init__(self, model_config=None) -> None:
         self.model_config = model_config
 
-    def build(self, tokenizer, vocab_size: int, seed: int):
+    def build(self, tokenizer, vocab_size: int, seed: int, zero3: dict[str, Any] | None = None):
+        """The LlamaForCausalLM to train; with `zero3` (the run's DeepSpeed config) made in ZeRO-3 partitions."""
         from . import model as models
 
         hf_config = models.llama_config(
             self.model_config, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
         )
-        return models.build(hf_config, seed)
+        return models.build(hf_config, seed, zero3)
 
     def root(self, built, cfg: TrainConfig):
         """The module DeepSpeed trains: the LlamaForCausalLM `build` made, behind the chunked next-token loss."""
@@ -346,7 +347,10 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
     plan = SequencePlan(ranges, cfg.seq_len, total_steps * cfg.global_batch, cfg.seed)
     val_starts = validation_starts(stream, cfg.eval_range, cfg.seq_len, cfg.eval_tokens)
 
-    net = objective.root(objective.build(tokenizer, stream.vocab_size, cfg.seed), cfg)
+    ds_config = deepspeed_config(cfg, opt, env.world, use_bf16, fused=device.type == "cuda")
+    # ZeRO-3: the model is made (or loaded) straight into partitions; no rank ever holds all of it
+    built = objective.build(tokenizer, stream.vocab_size, cfg.seed, ds_config if cfg.zero_stage == 3 else None)
+    net = objective.root(built, cfg)
     lm = objective.language_model(net)
     counts = models.parameter_counts(lm)
     checkpoint_layers(lm, cfg.activation_checkpointing)
@@ -355,7 +359,6 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
             layer.compile()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ds_config = deepspeed_config(cfg, opt, env.world, use_bf16, fused=device.type == "cuda")
     engine, _, _, scheduler = deepspeed.initialize(
         model=net,
         model_parameters=objective.parameters(net),

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "prunectl"
 # Components (configs and algorithms) and the foundation they stand on: never a stage, the stage table,
 # the study, the submission flow, the CLI or its rendering.
 COMPONENTS = ["errors", "schema", "store", "artifacts", "lifecycle", "lineage", "metrics", "distributed",
-              "checkpoints", "launch", "data", "model", "loss", "memory", "masks", "distill", "train", "objectives", "sweep", "compare", "plots",
+              "checkpoints", "launch", "data", "model", "zero3", "loss", "memory", "masks", "distill", "train", "objectives", "sweep", "compare", "plots",
               "prune", "evaluate", "recipe"]
 ABOVE_COMPONENTS = ("prunectl.stages", "prunectl.study", "prunectl.status", "prunectl.submission", "prunectl.cli",
                     "prunectl.render")

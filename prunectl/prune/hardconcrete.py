@@ -112,8 +112,3 @@ class MaskedLlama(torch.nn.Module):
                 self.lambdas += self.dual_lr * gap
                 self.phis += self.dual_lr * gap.square()
         return out.loss, lagrangian
-
-
-def partitioned(param: torch.Tensor) -> bool:
-    """True when this rank holds only a ZeRO-3 slice of `param` right now (never on ZeRO 0-2)."""
-    return hasattr(param, "ds_id") and param.data.numel() < param.ds_numel

@@ -49,13 +49,13 @@ class MaskObjective(Objective):
         self.parent_dir, self.target, self.cfg = parent_dir, target, cfg
         self.tokenizer = AutoTokenizer.from_pretrained(parent_dir)
 
-    def build(self, tokenizer, vocab_size: int, seed: int):
+    def build(self, tokenizer, vocab_size: int, seed: int, zero3=None):
         import torch
-        from transformers import AutoModelForCausalLM
 
+        from .. import model as models
         from .hardconcrete import MaskedLlama
 
-        llama = AutoModelForCausalLM.from_pretrained(self.parent_dir, dtype=torch.float32, attn_implementation="sdpa")
+        llama = models.load(self.parent_dir, zero3)  # ZeRO-3: the parent read straight into partitions
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             masked = MaskedLlama(llama, self.target, self.cfg.init_log_alpha, self.cfg.dual_lr, seed)
@@ -82,9 +82,9 @@ class MaskObjective(Objective):
         last forward saw them (before the optimizer's last step); whole ones as they are now."""
         import torch
 
-        from .hardconcrete import partitioned
+        from ..zero3 import sliced
 
-        if any(partitioned(p) for p in module.log_alpha.values()):
+        if any(sliced(p) for p in module.log_alpha.values()):
             expected = module.last_expected
         else:
             with torch.no_grad():
@@ -195,11 +195,12 @@ def _candidate_dirs(workdir: Path, cfg, shape: Shape) -> list[tuple[Path, Shape]
 
 def _partitioned(module) -> dict[str, Any]:
     """What ZeRO-3 kept partitioned on this rank at the end of mask learning (a record: masks and weights)."""
-    from .hardconcrete import AXES, partitioned
+    from ..zero3 import sliced
+    from .hardconcrete import AXES
 
     weights = list(module.llama.parameters())
-    return {"masks": [a for a in AXES if partitioned(module.log_alpha[a])],
-            "weights": sum(partitioned(w) for w in weights), "of_weights": len(weights)}
+    return {"masks": [a for a in AXES if sliced(module.log_alpha[a])],
+            "weights": sum(sliced(w) for w in weights), "of_weights": len(weights)}
 
 
 def learn(run, cfg, optimizer, parent_dir: Path, data_ref: str, ids, micro: int) -> None:
