@@ -208,6 +208,7 @@ class PruneReport(Artifact):
     architecture: dict[str, dict[str, Any]]
     calibration_loss: dict[str, float | None]
     heldout: dict[str, Any] | None = None
+    flap: dict[str, Any] | None = None  # FLAP's settings: whose statistics scored the layers, the KV-group score
     phases: list[dict[str, Any]] = Field(default_factory=list)
 
     def summary(self) -> PruneSummary:

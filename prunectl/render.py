@@ -142,7 +142,8 @@ def prune_report(report: PruneReport) -> None:
     before, after = report.architecture["before"], report.architecture["after"]
     from .prune.sparse import describe_pattern
 
-    t = Table(title=f"{report.method}{' ' + describe_pattern(report.pattern) if report.pattern else ''}: "
+    flap = f" ({report.flap['statistics']} statistics)" if report.flap else ""
+    t = Table(title=f"{report.method}{' ' + describe_pattern(report.pattern) if report.pattern else ''}{flap}: "
                     f"target {report.target_ratio:.1%}, achieved {report.achieved_ratio:.1%} ({report.ratio_of})")
     t.add_column("")
     t.add_column("parent", justify="right")

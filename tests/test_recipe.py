@@ -68,6 +68,8 @@ BAD_INPUTS = [
     (["pretrain", "recipes/tiny/nope.yaml"], "recipes/tiny/nope.yaml: no such recipe file"),
     (["pretrain", "tiny-parnt"], "did you mean 'tiny-parent'?"),
     (["pretrain", "recipes/tiny/parent.yaml", "launch.profile=mars"], "launch.profile: no Slurm profile 'mars'"),
+    (["prune", "recipes/tiny/prune/flap-50.yaml", "prune.flap.statistics=pruned"],
+     "prune.flap.statistics: Input should be 'parent' or 'sequential'"),
     (["data", "prepare", "recipes/tiny/data.yaml", "data.ranges.validation=1.5"], "range shares must be in (0, 1]"),
     (["data", "prepare", "recipes/tiny/data.yaml", "data.sources=[{kind: text, path: /nonexistent/*.txt}]"],
      "data.sources: no files match /nonexistent/*.txt"),

@@ -11,6 +11,7 @@ from ..schema import Strict
 from .methods import METHODS
 from .sheared import ShearedConfig
 from .sparse import SparseGPTConfig, parse_pattern
+from .width import FlapConfig
 
 
 class SearchConfig(Strict):
@@ -26,6 +27,7 @@ class PruneConfig(Strict):
     pattern: str = Field("unstructured", description="sparse methods: unstructured or N:M such as 2:4")
     search: SearchConfig = SearchConfig()
     sparsegpt: SparseGPTConfig = SparseGPTConfig()
+    flap: FlapConfig = FlapConfig()
     sheared: ShearedConfig | None = Field(None, description="sheared-llama: mask-learning budget and targets")
 
     @field_validator("method")

@@ -2,13 +2,19 @@
 
 Both keep the top-scoring units up to a target shape; the target is not unique for a parameter budget,
 so candidates at the budget are enumerated (Tables 5 and 6) and each is pruned and scored by loss.
+Both score from one pass over the unpruned parent (FLAP optionally reads the model pruned so far instead),
+so each candidate is a cut of the parent.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
 
 from ..errors import PrunectlError
+from ..schema import Strict
 from .context import Context, Pruned
 from .calibration import Layerwise, batches, collect, select
 from .surgery import Shape, cut
@@ -121,45 +127,156 @@ def minitron_prune(model: LlamaForCausalLM, scores, target: Shape) -> LlamaForCa
 # ------------------------------------------------------------------------------------------ FLAP
 
 
-def flap_prune(model: LlamaForCausalLM, ids: torch.Tensor, micro: int, device, target: Shape) -> LlamaForCausalLM:
-    """Prunes `model` in place on the way (pass a copy to keep the parent). Layer by layer on the pruned model's own activations: fluctuation scores for KV groups (summed over
-    the group's query-head channels at o_proj's input) and MLP channels (at down_proj's input); removed
-    units' mean contribution is folded into the o_proj / down_proj biases."""
+class FlapConfig(Strict):
+    statistics: Literal["parent", "sequential"] = Field(
+        "parent", description="whose activations score every layer: the unpruned parent's (one pass, as FLAP's "
+        "reference code does) or, for layer i, the outputs of layers < i already pruned to the candidate's shape")
+
+
+# FLAP's reference code squares the attention channel scores before summing them per head; a KV group
+# adds up its query heads, so its score is the sum of its channels' squared scores.
+KV_GROUP_SCORE = "sum of squared channel scores"
+
+
+@dataclass
+class _OnDevice:
+    def to(self, device) -> _OnDevice:
+        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+@dataclass
+class FlapScores(_OnDevice):
+    """What FLAP reads from one decoder layer's calibration inputs."""
+
+    groups: torch.Tensor  # per KV group
+    ffn: torch.Tensor  # per MLP channel
+    o_mean: torch.Tensor  # mean input of o_proj, per channel (the bias compensation's baseline)
+    down_mean: torch.Tensor  # mean input of down_proj
+
+
+@dataclass
+class FlapChoice(_OnDevice):
+    """One layer cut to a target shape: the kept units and the biases that stand in for the removed ones."""
+
+    groups: torch.Tensor
+    ffn: torch.Tensor
+    o_bias: torch.Tensor
+    down_bias: torch.Tensor
+
+
+def _fluctuation(stats, weight: torch.Tensor) -> torch.Tensor:
+    """Eq. 5 per input channel: the channel's variance times its weight column's squared norm."""
+    return stats.variance.to(weight.device) * weight.float().square().sum(0)
+
+
+def _score(layer, stats: dict, shape: Shape) -> FlapScores:
+    o_in, down_in = stats["self_attn.o_proj"], stats["mlp.down_proj"]
+    channels = _fluctuation(o_in, layer.self_attn.o_proj.weight)
+    return FlapScores(groups=channels.square().view(shape.kv_heads, -1).sum(1),
+                      ffn=_fluctuation(down_in, layer.mlp.down_proj.weight), o_mean=o_in.mean, down_mean=down_in.mean)
+
+
+def _dropped(groups: torch.Tensor, ffn: torch.Tensor, shape: Shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of the removed inputs of o_proj (the dropped groups' query-head channels) and of down_proj."""
     import torch
 
+    width = shape.group * shape.head_dim
+    kept_cols = (groups[:, None] * width + torch.arange(width, device=groups.device)).reshape(-1)
+    drop_o = torch.ones(shape.heads * shape.head_dim, dtype=torch.bool, device=device)
+    drop_o[kept_cols.to(device)] = False
+    drop_f = torch.ones(shape.ffn, dtype=torch.bool, device=device)
+    drop_f[ffn.to(device)] = False
+    return drop_o, drop_f
+
+
+def _choose(layer, scores: FlapScores, shape: Shape, target: Shape) -> FlapChoice:
+    """The top-scoring units up to `target`, and FLAP's bias compensation: the removed inputs' calibration
+    mean times their weight columns."""
+    import torch
+
+    groups = torch.topk(scores.groups, target.kv_heads).indices.sort().values
+    ffn = torch.topk(scores.ffn, target.ffn).indices.sort().values
+    w_o, w_down = layer.self_attn.o_proj.weight.float(), layer.mlp.down_proj.weight.float()
+    drop_o, drop_f = _dropped(groups, ffn, shape, w_o.device)
+    return FlapChoice(groups, ffn, o_bias=w_o[:, drop_o] @ scores.o_mean.to(w_o.device)[drop_o],
+                      down_bias=w_down[:, drop_f] @ scores.down_mean.to(w_down.device)[drop_f])
+
+
+def _as_cut(layer, choice: FlapChoice, shape: Shape):
+    """A copy of one decoder layer that computes what its cut will: removed inputs of o_proj and down_proj
+    zeroed, their compensation added to the biases. The parent's own layer stays as it was."""
+    import copy
+
+    import torch
+
+    pruned = copy.deepcopy(layer)
+    drop_o, drop_f = _dropped(choice.groups, choice.ffn, shape, layer.self_attn.o_proj.weight.device)
+    with torch.no_grad():
+        for lin, drop, b in ((pruned.self_attn.o_proj, drop_o, choice.o_bias), (pruned.mlp.down_proj, drop_f, choice.down_bias)):
+            lin.weight[:, drop] = 0
+            if lin.bias is None:
+                lin.bias = torch.nn.Parameter(b.to(lin.weight.dtype))
+            else:
+                lin.bias.add_(b.to(lin.bias.dtype))
+    return pruned
+
+
+def flap_scores(model: LlamaForCausalLM, ids: torch.Tensor, micro: int, device) -> list[FlapScores]:
+    """Every layer's scores from the unpruned parent's activations: one layer-wise pass (statistics: parent)."""
     shape = Shape.of(model)
-    d, g = shape.head_dim, shape.group
     walk = Layerwise(model, ids, micro, device)
-    keep_groups, keep_ffn = [], []
-    for i, layer in walk.each_layer():
+    scores = []
+    for layer in model.model.layers:
+        layer.to(device)
+        # the parent's own outputs feed the next layer: one forward per layer collects and moves on
+        stats = collect(layer, lambda: walk.forward(layer, update=True), moments=True)
+        scores.append(_score(layer, stats, shape).to("cpu"))
+        layer.to("cpu")
+    return scores
+
+
+def flap_cut(model: LlamaForCausalLM, choices: list[FlapChoice]) -> LlamaForCausalLM:
+    """The parent cut to the chosen units, the compensation added to o_proj's and down_proj's biases;
+    the parent is not changed."""
+    state = dict(model.state_dict())  # the parent's tensors themselves; only the biases are new
+    for i, c in enumerate(choices):
+        for name, b in (("self_attn.o_proj", c.o_bias), ("mlp.down_proj", c.down_bias)):
+            key, weight = f"model.layers.{i}.{name}.bias", state[f"model.layers.{i}.{name}.weight"]
+            b = b.to(weight.device, weight.dtype)
+            state[key] = b if key not in state else state[key] + b
+    return cut(model, kv_groups=[c.groups.cpu() for c in choices], ffn=[c.ffn.cpu() for c in choices], biases=True,
+               state=state)
+
+
+def flap_from_scores(model: LlamaForCausalLM, scores: list[FlapScores], target: Shape) -> LlamaForCausalLM:
+    """statistics: parent. One target's cut from the scores flap_scores() took once for every candidate."""
+    shape = Shape.of(model)
+    return flap_cut(model, [_choose(layer, s, shape, target) for layer, s in zip(model.model.layers, scores)])
+
+
+def flap_sequential(model: LlamaForCausalLM, ids: torch.Tensor, micro: int, device, target: Shape) -> LlamaForCausalLM:
+    """statistics: sequential. Layer i is scored on the outputs of layers < i as pruned for `target`, so every
+    target needs its own pass; each layer's pruned stand-in is a copy of that layer alone."""
+    shape = Shape.of(model)
+    walk = Layerwise(model, ids, micro, device)
+    choices = []
+    for layer in model.model.layers:
+        layer.to(device)
         stats = collect(layer, lambda: walk.forward(layer, update=False), moments=True)
-        o_in, down_in = stats["self_attn.o_proj"], stats["mlp.down_proj"]
-        w_o, w_down = layer.self_attn.o_proj.weight.float(), layer.mlp.down_proj.weight.float()
-        head_score = (o_in.variance.to(w_o.device) * w_o.square().sum(0)).view(shape.kv_heads, g * d).sum(1)
-        ffn_score = down_in.variance.to(w_down.device) * w_down.square().sum(0)
-        groups = torch.topk(head_score, target.kv_heads).indices.sort().values
-        ffn = torch.topk(ffn_score, target.ffn).indices.sort().values
-        # bias compensation: the removed units' expected input times their weight columns
-        kept_cols = (groups[:, None] * (g * d) + torch.arange(g * d, device=groups.device)).reshape(-1)
-        drop_o = torch.ones(shape.heads * d, dtype=torch.bool, device=w_o.device)
-        drop_o[kept_cols] = False
-        drop_f = torch.ones(shape.ffn, dtype=torch.bool, device=w_down.device)
-        drop_f[ffn] = False
-        b_o = w_o[:, drop_o] @ o_in.mean.to(w_o.device)[drop_o]
-        b_f = w_down[:, drop_f] @ down_in.mean.to(w_down.device)[drop_f]
-        # prune this layer in place before its outputs feed the next one
-        with torch.no_grad():
-            layer.self_attn.o_proj.weight[:, drop_o] = 0
-            layer.mlp.down_proj.weight[:, drop_f] = 0
-            for lin, b in ((layer.self_attn.o_proj, b_o), (layer.mlp.down_proj, b_f)):
-                if lin.bias is None:
-                    lin.bias = torch.nn.Parameter(b.to(lin.weight.dtype))
-                else:
-                    lin.bias.add_(b.to(lin.bias.dtype))
-        keep_groups.append(groups.cpu())
-        keep_ffn.append(ffn.cpu())
-    # the Linears now carry their compensated biases; cut() copies them into the smaller dense model
-    return cut(model, kv_groups=keep_groups, ffn=keep_ffn, biases=True)
+        choice = _choose(layer, _score(layer, stats, shape), shape, target)
+        walk.forward(_as_cut(layer, choice, shape), update=True)
+        choices.append(choice.to("cpu"))
+        layer.to("cpu")
+    return flap_cut(model, choices)
+
+
+def flap_prune(model: LlamaForCausalLM, ids: torch.Tensor, micro: int, device, target: Shape,
+               statistics: str = "parent") -> LlamaForCausalLM:
+    """FLAP to one target shape: fluctuation scores for KV groups (at o_proj's input) and MLP channels
+    (at down_proj's input), the removed units' mean contribution folded into the biases. `model` is left as it was."""
+    if statistics == "sequential":
+        return flap_sequential(model, ids, micro, device, target)
+    return flap_from_scores(model, flap_scores(model, ids, micro, device), target)
 
 
 def minitron_feasible(cfg, shape: Shape) -> None:
@@ -182,12 +299,17 @@ def apply_minitron(ctx: Context) -> Pruned:
 
 
 def apply_flap(ctx: Context) -> Pruned:
-    """FLAP: fluctuation scores and bias compensation per candidate shape (Table 6)."""
-    import copy
-
-
+    """FLAP: fluctuation scores and bias compensation per candidate shape (Table 6). With the parent's
+    statistics one pass scores every layer and each candidate is a cut of the parent; no copy of the parent."""
+    statistics = ctx.cfg.flap.statistics
+    ctx.report["flap"] = {"statistics": statistics, "kv_group_score": KV_GROUP_SCORE}
     candidates = flap_candidates(ctx.shape, ctx.cfg.ratio, ctx.cfg.search.quantum, ctx.cfg.search.candidates)
+    if statistics == "parent":
+        with ctx.meter.phase("score channels"):
+            scores = flap_scores(ctx.model, ctx.ids, ctx.micro, ctx.device)
+        make = lambda target: flap_from_scores(ctx.model, scores, target)  # noqa: E731
+    else:
+        make = lambda target: flap_sequential(ctx.model, ctx.ids, ctx.micro, ctx.device, target)  # noqa: E731
     with ctx.meter.phase(f"search {len(candidates)} candidate(s)"):
-        made = ((flap_prune(copy.deepcopy(ctx.model).cpu(), ctx.ids, ctx.micro, ctx.device, t), t.describe())
-                for t in candidates)
+        made = ((make(t), t.describe()) for t in candidates)
         return Pruned(select(made, ctx.ids, ctx.micro, ctx.device, ctx.report["candidates"]))
