@@ -8,7 +8,8 @@ achieved ratio on the same one.
 
 from __future__ import annotations
 
-from typing import Literal
+from functools import partial
+from typing import Callable, Literal
 
 from pydantic import Field
 
@@ -36,6 +37,12 @@ def size(shape: Shape, basis: str) -> int:
     if basis == "decoder":
         return shape.layers * shape.linear_weights()
     return shape.parameters()
+
+
+def goal(cfg, parent: Shape) -> tuple[Callable[[Shape], int], float]:
+    """How a candidate is measured on the recipe's basis, and the size prune.ratio leaves of the parent."""
+    measure = partial(size, basis=cfg.ratio_of)
+    return measure, (1 - cfg.ratio) * measure(parent)
 
 
 def removed(parent: Shape, pruned: Shape, basis: str) -> float:

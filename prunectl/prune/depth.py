@@ -23,15 +23,14 @@ def kept_layers(shape: Shape, cfg) -> int:
     if pinned is not None:
         return pinned.layers
     ratio = cfg.ratio
-    target = (1 - ratio) * budget.size(shape, cfg.ratio_of)
-    if target < budget.size(shape.with_(layers=0), cfg.ratio_of):  # only the embeddings, of total parameters
+    size, target = budget.goal(cfg, shape)
+    if target < size(shape.with_(layers=0)):  # the embeddings alone, when the basis is total parameters
         floor = 1 - shape.with_(layers=1).parameters() / shape.parameters()
         raise PrunectlError(
             f"prune.ratio: {ratio} is infeasible for depth pruning: embeddings alone are "
             f"{shape.embedding() / shape.parameters():.1%} of the parent; one layer left removes {floor:.1%}"
         )
-    kept = min(range(1, shape.layers + 1),
-               key=lambda k: abs(budget.size(shape.with_(layers=k), cfg.ratio_of) - target))
+    kept = min(range(1, shape.layers + 1), key=lambda k: abs(size(shape.with_(layers=k)) - target))
     if kept == shape.layers:
         raise PrunectlError(f"prune.ratio: {ratio} removes less than one of {shape.layers} layers; raise it")
     return kept

@@ -107,8 +107,6 @@ class MaskObjective(Objective):
 def candidates(shape: Shape, cfg) -> list[Shape]:
     """The pinned shape, listed targets, or Table 7's procedure: two hidden sizes, query heads in steps of a KV
     group, MLP solved."""
-    from functools import partial
-
     from ..errors import PrunectlError
     from .width import _spread, at_budget
 
@@ -117,8 +115,7 @@ def candidates(shape: Shape, cfg) -> list[Shape]:
         return [pinned]
     if cfg.sheared.targets:
         return [budget.resolve(t, shape, "prune.sheared.targets") for t in cfg.sheared.targets]
-    quantum, size = cfg.search.quantum, partial(budget.size, basis=cfg.ratio_of)
-    target = (1 - cfg.ratio) * size(shape)
+    quantum, (size, target) = cfg.search.quantum, budget.goal(cfg, shape)
     hiddens = sorted({quantum * round(shape.hidden * f / quantum) for f in (0.75, 0.85)})
     trials = (shape.with_(hidden=h, kv_heads=g, heads=g * shape.group)
               for h in hiddens for g in range(1, shape.kv_heads + 1))

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from functools import partial
-
 from ..errors import PrunectlError
 from . import budget
 from .context import Context, Pruned
@@ -50,8 +48,7 @@ def minitron_candidates(shape: Shape, cfg) -> list[Shape]:
     pinned = budget.pinned(cfg, shape)
     if pinned is not None:
         return [pinned]
-    quantum, size = cfg.search.quantum, partial(budget.size, basis=cfg.ratio_of)
-    target = (1 - cfg.ratio) * size(shape)
+    quantum, (size, target) = cfg.search.quantum, budget.goal(cfg, shape)
     found = at_budget((shape.with_(hidden=h) for h in range(quantum, shape.hidden + 1, quantum)), target, quantum,
                       lambda s: 2 * s.hidden <= s.ffn <= 4 * s.hidden and s.ffn <= shape.ffn, size)
     if not found:
@@ -68,8 +65,7 @@ def flap_candidates(shape: Shape, cfg) -> list[Shape]:
     pinned = budget.pinned(cfg, shape)
     if pinned is not None:
         return [pinned.with_(attention_bias=True, mlp_bias=True)]
-    quantum, size = cfg.search.quantum, partial(budget.size, basis=cfg.ratio_of)
-    target = (1 - cfg.ratio) * size(shape)
+    quantum, (size, target) = cfg.search.quantum, budget.goal(cfg, shape)
     trials = (biased.with_(kv_heads=g, heads=g * shape.group) for g in range(1, shape.kv_heads + 1))
     found = at_budget(trials, target, quantum,
                       lambda s: s.ffn <= shape.ffn and abs(size(s) - target) <= 0.05 * size(shape), size)
