@@ -193,13 +193,15 @@ def summary_of(manifest) -> Summary:
 
 
 class PruneReport(Artifact):
-    """What a prune run did: target and achieved ratio, shapes, losses, candidates, per-phase time and memory."""
+    """What a prune run did: target and achieved ratio (on ratio_of), shapes, losses, candidates, per-phase time
+    and memory."""
 
     FILE: ClassVar[str] = "report.json"
     method: str
     pattern: str | None = None
     target_ratio: float | None = None
-    ratio_of: str
+    ratio_of: str  # total, decoder or layers (reports before prune.ratio_of existed: a phrase)
+    target_shape: dict[str, int] | None = None  # prune.target, when the recipe pinned the shape
     parent: str
     calibration: dict[str, Any] | None = None
     candidates: list[dict[str, Any]] = Field(default_factory=list)

@@ -140,11 +140,14 @@ def data_prepared(run: store.Run, meta: DataMeta) -> None:
 def prune_report(report: PruneReport) -> None:
     """The terminal view of report.json."""
     before, after = report.architecture["before"], report.architecture["after"]
+    from .prune.budget import MEASURES
     from .prune.sparse import describe_pattern
 
     flap = f" ({report.flap['statistics']} statistics)" if report.flap else ""
+    # older reports state their basis as a phrase
+    basis = f"of {MEASURES[report.ratio_of]}" if report.ratio_of in MEASURES else f"({report.ratio_of})"
     t = Table(title=f"{report.method}{' ' + describe_pattern(report.pattern) if report.pattern else ''}{flap}: "
-                    f"target {report.target_ratio:.1%}, achieved {report.achieved_ratio:.1%} ({report.ratio_of})")
+                    f"target {report.target_ratio:.1%}, achieved {report.achieved_ratio:.1%} {basis}")
     t.add_column("")
     t.add_column("parent", justify="right")
     t.add_column("pruned", justify="right")

@@ -466,6 +466,13 @@ CASES: list[Case] = [
     Case("prune:hf-parent-ratio-infeasible", ["prune", "{T}/prune-hf.yaml", "prune.method=minitron-depth",
                                               "prune.ratio=0.99"],
          data=True, hf=True, setup=hf_recipe("good"), mentions=("ratio",)),
+    Case("prune:ratio-of-total-for-a-sparse-method", ["prune", WANDA, "prune.ratio_of=total"], mentions=("ratio_of",)),
+    Case("prune:ratio-of-layers-for-a-width-method", ["prune", "{R}/tiny/prune/minitron-width-50.yaml",
+                                                      "prune.ratio_of=layers"], mentions=("ratio_of",)),
+    Case("prune:target-for-a-sparse-method", ["prune", WANDA, "prune.target={ffn: 64}"], mentions=("target",)),
+    Case("prune:target-larger-than-the-parent", ["prune", "{T}/prune-hf.yaml", "prune.method=minitron-depth",
+                                                 "prune.target={layers: 999}"],
+         data=True, hf=True, setup=hf_recipe("good"), mentions=("prune.target",)),
     # ---------------------------------------------------------------- eval
     Case("eval:run-missing", ["eval", EVAL, "run=bi-nope@latest"], mentions=("run",)),
     Case("eval:run-running", ["eval", EVAL, "run=bi-fake@v001"],

@@ -208,3 +208,59 @@ def test_the_lagrangian_pushes_the_expected_shape_toward_the_target():
     assert end[2] < start[2] - 0.1 and end[3] < start[3] - 0.1  # hidden and MLP fractions fall toward 0.5
     assert peak[2] > 0 and peak[3] > 0  # ascent: the multipliers grew while the constraint was violated
     assert int(masked.draws) == 30  # one seeded draw per training forward
+
+
+# ------------------------------------------------------------------------------------------ ratio basis and pins
+
+TINY = Shape(layers=12, hidden=128, heads=4, kv_heads=2, head_dim=32, ffn=384, vocab=2048, tied=True)
+
+
+def _prune_cfg(**prune):
+    from prunectl.prune.config import PruneConfig
+
+    return PruneConfig(**prune)
+
+
+def test_the_ratio_basis_defaults_to_total_and_to_decoder_for_sparse_methods():
+    assert _prune_cfg(method="minitron-depth", ratio=0.5).ratio_of == "total"
+    assert _prune_cfg(method="wanda", pattern="2:4").ratio_of == "decoder"
+    depth = _prune_cfg(method="minitron-depth", ratio=0.5)
+    layers = _prune_cfg(method="minitron-depth", ratio=0.5, ratio_of="layers")
+    assert [s.layers for s in depth.spec.feasible(depth, TINY)] == [5]  # half the parameters: embeddings stay
+    assert [s.layers for s in layers.spec.feasible(layers, TINY)] == [6]  # half the layers
+
+
+@pytest.mark.parametrize("prune, message", [
+    ({"method": "sparsegpt", "ratio": 0.5, "ratio_of": "total"}, "a sparse method zeroes decoder Linear weights"),
+    ({"method": "sheared-llama", "ratio": 0.5, "ratio_of": "layers", "sheared": {"train": {"tokens": 4096}}},
+     "ratio_of layers fits methods that remove whole layers only"),
+    ({"method": "magnitude", "ratio": 0.5, "target": {"ffn": 8}}, "keeps the parent's shape"),
+    ({"method": "shortgpt", "ratio": 0.5, "target": {"hidden": 64}}, "pins layers; it cannot change hidden"),
+    ({"method": "flap", "ratio": 0.5, "target": {}}, "name at least one"),
+    ({"method": "sheared-llama", "ratio": 0.5, "target": {"hidden": 96},
+      "sheared": {"train": {"tokens": 4096}, "targets": [{"hidden": 96, "heads": 4, "ffn": 128}]}}, "keep one"),
+])
+def test_a_basis_or_pin_the_method_cannot_honour_is_refused(prune, message):
+    with pytest.raises(ValueError, match=message):
+        _prune_cfg(**prune)
+
+
+@pytest.mark.parametrize("target, message", [
+    ({"hidden": 256, "ffn": 192}, r"larger than the parent \(hidden 256 > 128\)"),
+    ({"hidden": 128, "ffn": 384}, "is the parent's shape"),
+    ({"hidden": 32, "ffn": 32}, r"removes 90.4% of the parent's parameters, but prune.ratio is 50.0% of total"),
+])
+def test_a_pinned_shape_is_checked_against_the_parent_and_the_ratio(target, message):
+    cfg = _prune_cfg(method="minitron-width", ratio=0.5, target=target)
+    with pytest.raises(PrunectlError, match=message):
+        cfg.spec.feasible(cfg, TINY)
+
+
+def test_a_pinned_shape_is_the_one_candidate_and_heads_bring_their_kv_groups():
+    width = _prune_cfg(method="minitron-width", ratio=0.5, target={"hidden": 96, "ffn": 192})
+    assert width.spec.feasible(width, TINY) == [TINY.with_(hidden=96, ffn=192)]
+    flap = _prune_cfg(method="flap", ratio=0.5, ratio_of="decoder", target={"heads": 2, "ffn": 192})
+    assert [(s.heads, s.kv_heads, s.ffn, s.mlp_bias) for s in flap.spec.feasible(flap, TINY)] == [(2, 1, 192, True)]
+    odd = _prune_cfg(method="flap", ratio=0.5, target={"heads": 3, "ffn": 192})
+    with pytest.raises(PrunectlError, match="not a multiple of the parent's 2 query heads per KV group"):
+        odd.spec.feasible(odd, TINY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import PrunectlError
+from . import budget
 from .context import Context, Pruned
 from .calibration import batches
 from .surgery import Shape, cut
@@ -15,16 +16,21 @@ if TYPE_CHECKING:
 
 
 
-def layers_for_ratio(shape: Shape, ratio: float) -> int:
-    """Layer count whose total parameters come closest to (1 - ratio) of the parent's (at least one)."""
-    target = (1 - ratio) * shape.parameters()
-    if target < shape.with_(layers=0).parameters():
+def kept_layers(shape: Shape, cfg) -> int:
+    """The pinned layer count, or the one whose size on the ratio's basis comes closest to (1 - ratio) of the
+    parent's (at least one)."""
+    pinned = budget.pinned(cfg, shape)
+    if pinned is not None:
+        return pinned.layers
+    ratio = cfg.ratio
+    size, target = budget.goal(cfg, shape)
+    if target < size(shape.with_(layers=0)):  # the embeddings alone, when the basis is total parameters
         floor = 1 - shape.with_(layers=1).parameters() / shape.parameters()
         raise PrunectlError(
             f"prune.ratio: {ratio} is infeasible for depth pruning: embeddings alone are "
             f"{shape.embedding() / shape.parameters():.1%} of the parent; one layer left removes {floor:.1%}"
         )
-    kept = min(range(1, shape.layers + 1), key=lambda k: abs(shape.with_(layers=k).parameters() - target))
+    kept = min(range(1, shape.layers + 1), key=lambda k: abs(size(shape.with_(layers=k)) - target))
     if kept == shape.layers:
         raise PrunectlError(f"prune.ratio: {ratio} removes less than one of {shape.layers} layers; raise it")
     return kept
@@ -93,13 +99,13 @@ def block_influence(model: LlamaForCausalLM, ids: torch.Tensor, micro: int) -> l
     return (sums / count).tolist()
 
 
-def feasible(cfg, shape: Shape) -> None:
-    layers_for_ratio(shape, cfg.ratio)
+def feasible(cfg, shape: Shape) -> list[Shape]:
+    return [shape.with_(layers=kept_layers(shape, cfg))]
 
 
 def apply_minitron(ctx: Context) -> Pruned:
     """Minitron-depth: remove the contiguous block whose removal costs the least calibration loss."""
-    block = ctx.shape.layers - layers_for_ratio(ctx.shape, ctx.cfg.ratio)
+    block = ctx.shape.layers - kept_layers(ctx.shape, ctx.cfg)
     with ctx.meter.phase("score layers"):
         losses = block_losses(ctx.model, ctx.ids, ctx.micro, block)
         start = min(range(len(losses)), key=losses.__getitem__)
@@ -110,7 +116,7 @@ def apply_minitron(ctx: Context) -> Pruned:
 
 def apply_shortgpt(ctx: Context) -> Pruned:
     """ShortGPT: remove the layers of lowest Block Influence, wherever they are."""
-    block = ctx.shape.layers - layers_for_ratio(ctx.shape, ctx.cfg.ratio)
+    block = ctx.shape.layers - kept_layers(ctx.shape, ctx.cfg)
     with ctx.meter.phase("score layers"):
         influence = block_influence(ctx.model, ctx.ids, ctx.micro)
         ctx.report["block_influence"] = influence

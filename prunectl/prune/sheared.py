@@ -14,6 +14,8 @@ from pydantic import Field
 
 from ..schema import Strict
 from ..train import Objective, TrainConfig
+from . import budget
+from .budget import ShapeTarget
 from .context import Context, Pruned
 from .surgery import Shape, cut
 
@@ -24,8 +26,9 @@ if TYPE_CHECKING:
 
 
 
-class TargetShape(Strict):
-    layers: int | None = Field(None, ge=1, description="default: the parent's")
+class TargetShape(ShapeTarget):
+    """One candidate of the search: hidden, heads and MLP named (Table 7); layers default to the parent's."""
+
     hidden: int = Field(ge=1)
     heads: int = Field(ge=1, description="query heads; a multiple of the parent's heads per KV group")
     ffn: int = Field(ge=1)
@@ -101,34 +104,27 @@ class MaskObjective(Objective):
         return state  # the masks' log-alphas stay beside the weights: the cut reads both
 
 
-def candidates(shape: Shape, ratio: float, targets: list[TargetShape], quantum: int, count: int) -> list[Shape]:
-    """Listed targets, or Table 7's procedure: two hidden sizes, query heads in steps of a KV group, MLP solved."""
+def candidates(shape: Shape, cfg) -> list[Shape]:
+    """The pinned shape, listed targets, or Table 7's procedure: two hidden sizes, query heads in steps of a KV
+    group, MLP solved."""
     from ..errors import PrunectlError
     from .width import _spread, at_budget
 
-    def as_shape(t: TargetShape) -> Shape:
-        if t.heads % shape.group:
-            raise PrunectlError(f"prune.sheared.targets: heads={t.heads} is not a multiple of the parent's "
-                                f"{shape.group} query heads per KV group (GQA must stay valid)")
-        s = shape.with_(layers=t.layers or shape.layers, hidden=t.hidden, heads=t.heads, kv_heads=t.heads // shape.group,
-                        ffn=t.ffn)
-        if s.layers > shape.layers or s.hidden > shape.hidden or s.heads > shape.heads or s.ffn > shape.ffn:
-            raise PrunectlError(f"prune.sheared.targets: {t.model_dump(exclude_none=True)} is larger than the parent "
-                                f"along some axis ({shape.describe()})")
-        return s
-
-    if targets:
-        return [as_shape(t) for t in targets]
-    target = (1 - ratio) * shape.parameters()
+    pinned = budget.pinned(cfg, shape)
+    if pinned is not None:
+        return [pinned]
+    if cfg.sheared.targets:
+        return [budget.resolve(t, shape, "prune.sheared.targets") for t in cfg.sheared.targets]
+    quantum, (size, target) = cfg.search.quantum, budget.goal(cfg, shape)
     hiddens = sorted({quantum * round(shape.hidden * f / quantum) for f in (0.75, 0.85)})
     trials = (shape.with_(hidden=h, kv_heads=g, heads=g * shape.group)
               for h in hiddens for g in range(1, shape.kv_heads + 1))
     found = at_budget(trials, target, quantum, lambda s: quantum <= s.ffn <= shape.ffn
-                      and abs(s.parameters() - target) <= 0.05 * shape.parameters())
+                      and abs(size(s) - target) <= 0.05 * size(shape), size)
     if not found:
-        raise PrunectlError(f"prune.ratio: {ratio} is infeasible for sheared-llama on this parent without listed "
+        raise PrunectlError(f"prune.ratio: {cfg.ratio} is infeasible for sheared-llama on this parent without listed "
                             "targets; list prune.sheared.targets")
-    return _spread(found, count)
+    return _spread(found, cfg.search.candidates)
 
 
 def _expected_metrics(expected) -> dict[str, float]:
@@ -184,12 +180,12 @@ def expected_of(state: dict) -> dict[str, float]:
     return _expected_metrics(torch.stack([l0(state[f"log_alpha.{a}"].float()).mean() for a in AXES]))
 
 
-def feasible(cfg, shape: Shape) -> None:
-    candidates(shape, cfg.ratio, cfg.sheared.targets, cfg.search.quantum, cfg.search.candidates)
+def feasible(cfg, shape: Shape) -> list[Shape]:
+    return candidates(shape, cfg)
 
 
 def _candidate_dirs(workdir: Path, cfg, shape: Shape) -> list[tuple[Path, Shape]]:
-    targets = candidates(shape, cfg.ratio, cfg.sheared.targets, cfg.search.quantum, cfg.search.candidates)
+    targets = candidates(shape, cfg)
     return [(workdir / "sheared" / f"candidate{k}", t) for k, t in enumerate(targets)]
 
 

@@ -165,8 +165,8 @@ def sparsegpt_(weight: torch.Tensor, xtx: torch.Tensor, samples: int, ratio: flo
     return keep
 
 
-def feasible(cfg, shape: Shape) -> None:
-    """N:M needs every Linear's input width divisible by M; unstructured sparsity fits any shape."""
+def feasible(cfg, shape: Shape) -> list[Shape]:
+    """N:M needs every Linear's input width divisible by M; unstructured sparsity fits any shape (kept as it is)."""
     nm = parse_pattern(cfg.pattern)
     if nm:
         widths = {"hidden": shape.hidden, "attention": shape.heads * shape.head_dim, "ffn": shape.ffn}
@@ -174,6 +174,7 @@ def feasible(cfg, shape: Shape) -> None:
         if bad:
             raise PrunectlError(f"prune.pattern: {cfg.pattern} needs every Linear input width divisible by {nm[1]}; "
                                 f"this parent has {', '.join(bad)}")
+    return [shape]
 
 
 def apply_magnitude(ctx: Context) -> Pruned:

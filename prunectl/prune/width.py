@@ -15,6 +15,7 @@ from pydantic import Field
 
 from ..errors import PrunectlError
 from ..schema import Strict
+from . import budget
 from .context import Context, Pruned
 from .calibration import Layerwise, batches, collect, select
 from .surgery import Shape, cut
@@ -35,45 +36,51 @@ def _spread(items: list, count: int) -> list:
     return [items[i] for i in picks]
 
 
-def _ffn_for(shape: Shape, target: float, quantum: int) -> int:
-    """MLP width (a multiple of quantum) that brings `shape` closest to `target` parameters."""
-    per_channel = shape.layers * (3 * shape.hidden + (2 if shape.mlp_bias else 0))
-    rest = shape.with_(ffn=0).parameters()
+def _ffn_for(shape: Shape, target: float, quantum: int, size) -> int:
+    """MLP width (a multiple of quantum) that brings `size(shape)` closest to `target` (size grows linearly with it)."""
+    rest = size(shape.with_(ffn=0))
+    per_channel = size(shape.with_(ffn=1)) - rest
     return max(quantum, quantum * round((target - rest) / per_channel / quantum))
 
 
-def at_budget(trials, target: float, quantum: int, keep) -> list[Shape]:
-    """Each trial shape with the MLP width that brings it closest to `target` parameters, if `keep` accepts it."""
-    sized = (trial.with_(ffn=_ffn_for(trial, target, quantum)) for trial in trials)
+def at_budget(trials, target: float, quantum: int, keep, size) -> list[Shape]:
+    """Each trial shape with the MLP width that brings `size` closest to `target`, if `keep` accepts it."""
+    sized = (trial.with_(ffn=_ffn_for(trial, target, quantum, size)) for trial in trials)
     return [s for s in sized if keep(s)]
 
 
-def minitron_candidates(shape: Shape, ratio: float, quantum: int, count: int) -> list[Shape]:
-    """(hidden, MLP) pairs at the target with 2h <= MLP <= 4h, heads unchanged (Table 5)."""
-    target = (1 - ratio) * shape.parameters()
+def minitron_candidates(shape: Shape, cfg) -> list[Shape]:
+    """The pinned shape, or (hidden, MLP) pairs at the target with 2h <= MLP <= 4h, heads unchanged (Table 5)."""
+    pinned = budget.pinned(cfg, shape)
+    if pinned is not None:
+        return [pinned]
+    quantum, (size, target) = cfg.search.quantum, budget.goal(cfg, shape)
     found = at_budget((shape.with_(hidden=h) for h in range(quantum, shape.hidden + 1, quantum)), target, quantum,
-                      lambda s: 2 * s.hidden <= s.ffn <= 4 * s.hidden and s.ffn <= shape.ffn)
+                      lambda s: 2 * s.hidden <= s.ffn <= 4 * s.hidden and s.ffn <= shape.ffn, size)
     if not found:
         raise PrunectlError(
-            f"prune.ratio: {ratio} is infeasible for minitron-width on this parent: no hidden size (multiple of "
-            f"{quantum}) and MLP size with 2h <= MLP <= 4h reach {target:,.0f} parameters"
+            f"prune.ratio: {cfg.ratio} is infeasible for minitron-width on this parent: no hidden size (multiple of "
+            f"{quantum}) and MLP size with 2h <= MLP <= 4h reach {target:,.0f} {budget.MEASURES[cfg.ratio_of]}"
         )
-    return _spread(found, count)
+    return _spread(found, cfg.search.candidates)
 
 
-def flap_candidates(shape: Shape, ratio: float, quantum: int, count: int) -> list[Shape]:
-    """(KV groups, MLP) pairs at the target with the hidden size kept (Table 6); biases added."""
-    target = (1 - ratio) * shape.parameters()
+def flap_candidates(shape: Shape, cfg) -> list[Shape]:
+    """The pinned shape, or (KV groups, MLP) pairs at the target with the hidden size kept (Table 6); biases added."""
     biased = shape.with_(attention_bias=True, mlp_bias=True)
+    pinned = budget.pinned(cfg, shape)
+    if pinned is not None:
+        return [pinned.with_(attention_bias=True, mlp_bias=True)]
+    quantum, (size, target) = cfg.search.quantum, budget.goal(cfg, shape)
     trials = (biased.with_(kv_heads=g, heads=g * shape.group) for g in range(1, shape.kv_heads + 1))
     found = at_budget(trials, target, quantum,
-                      lambda s: s.ffn <= shape.ffn and abs(s.parameters() - target) <= 0.05 * shape.parameters())
+                      lambda s: s.ffn <= shape.ffn and abs(size(s) - target) <= 0.05 * size(shape), size)
     if not found:
         raise PrunectlError(
-            f"prune.ratio: {ratio} is infeasible for flap on this parent: no number of KV groups (1..{shape.kv_heads}) "
-            f"with an MLP width up to {shape.ffn} reaches {target:,.0f} parameters within 5%"
+            f"prune.ratio: {cfg.ratio} is infeasible for flap on this parent: no number of KV groups (1..{shape.kv_heads}) "
+            f"with an MLP width up to {shape.ffn} reaches {target:,.0f} {budget.MEASURES[cfg.ratio_of]} within 5%"
         )
-    return _spread(found, count)
+    return _spread(found, cfg.search.candidates)
 
 
 # ------------------------------------------------------------------------------------------ Minitron-width
@@ -279,18 +286,18 @@ def flap_prune(model: LlamaForCausalLM, ids: torch.Tensor, micro: int, device, t
     return flap_from_scores(model, flap_scores(model, ids, micro, device), target)
 
 
-def minitron_feasible(cfg, shape: Shape) -> None:
-    minitron_candidates(shape, cfg.ratio, cfg.search.quantum, cfg.search.candidates)
+def minitron_feasible(cfg, shape: Shape) -> list[Shape]:
+    return minitron_candidates(shape, cfg)
 
 
-def flap_feasible(cfg, shape: Shape) -> None:
-    flap_candidates(shape, cfg.ratio, cfg.search.quantum, cfg.search.candidates)
+def flap_feasible(cfg, shape: Shape) -> list[Shape]:
+    return flap_candidates(shape, cfg)
 
 
 def apply_minitron(ctx: Context) -> Pruned:
     """Minitron-width: activation importance once, then every candidate shape cut from it (Table 5)."""
 
-    candidates = minitron_candidates(ctx.shape, ctx.cfg.ratio, ctx.cfg.search.quantum, ctx.cfg.search.candidates)
+    candidates = minitron_candidates(ctx.shape, ctx.cfg)
     with ctx.meter.phase("score channels"):
         scores = minitron_scores(ctx.model, ctx.ids, ctx.micro)
     with ctx.meter.phase(f"search {len(candidates)} candidate(s)"):
@@ -303,7 +310,7 @@ def apply_flap(ctx: Context) -> Pruned:
     statistics one pass scores every layer and each candidate is a cut of the parent; no copy of the parent."""
     statistics = ctx.cfg.flap.statistics
     ctx.report["flap"] = {"statistics": statistics, "kv_group_score": KV_GROUP_SCORE}
-    candidates = flap_candidates(ctx.shape, ctx.cfg.ratio, ctx.cfg.search.quantum, ctx.cfg.search.candidates)
+    candidates = flap_candidates(ctx.shape, ctx.cfg)
     if statistics == "parent":
         with ctx.meter.phase("score channels"):
             scores = flap_scores(ctx.model, ctx.ids, ctx.micro, ctx.device)

@@ -51,6 +51,7 @@ def _prune(run: store.Run, recipe: PruneRecipe, inputs: dict[str, str], device) 
     from .. import masks as sparse_masks
     from .. import model as models
     from ..data import TokenStream, batch, validation_starts
+    from ..prune import budget
     from ..prune import calibration as calib
     from ..prune.meter import Meter
     from ..prune.context import Context
@@ -76,8 +77,8 @@ def _prune(run: store.Run, recipe: PruneRecipe, inputs: dict[str, str], device) 
     before = models.parameter_counts(parent)
     report: dict[str, Any] = {
         "method": cfg.method, "pattern": cfg.pattern if method.sparse else None,
-        "target_ratio": cfg.ratio,
-        "ratio_of": "decoder linear weights zeroed" if method.sparse else "total parameters removed",
+        "target_ratio": cfg.ratio, "ratio_of": cfg.ratio_of,
+        "target_shape": cfg.target.model_dump(exclude_none=True) if cfg.target else None,
         "parent": inputs["parent"], "calibration": None, "candidates": [],
     }
     if ids is not None:
@@ -102,7 +103,7 @@ def _prune(run: store.Run, recipe: PruneRecipe, inputs: dict[str, str], device) 
         achieved = 1 - sum(int(m.sum()) for m in pruned.masks.values()) / total
         report["per_layer_sparsity"] = _per_layer(pruned.masks)
     else:
-        achieved = 1 - after["total"] / before["total"]
+        achieved = budget.removed(shape, Shape.of(pruned.model), cfg.ratio_of)
     report.update(
         achieved_ratio=achieved,
         parameters={"before": before, "after": after},
