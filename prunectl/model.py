@@ -42,8 +42,35 @@ class ModelConfig(Strict):
         return self
 
 
+def allow_explicit_head_dim() -> None:
+    """Lets a LlamaConfig have a hidden size that is not a multiple of its attention heads when head_dim is
+    given, as Llama's attention allows (q/k/v/o are sized heads x head_dim). transformers 5.x refuses it
+    whatever head_dim says (huggingface/transformers#46082), which FLAP's and Sheared-LLaMA's shapes need:
+    Table 1's FLAP keeps 20 heads of 128 in a 4096-wide model. A head_dim derived from the hidden size is
+    still checked. Called before prunectl makes or reads a pruned config, and at the start of every job."""
+    from transformers import LlamaConfig
+
+    validators = getattr(LlamaConfig, "__class_validators__", None)
+    if not validators or any(v is _validate_llama_heads for v in validators):
+        return
+    LlamaConfig.__class_validators__ = [_validate_llama_heads if v.__name__ == "validate_architecture" else v
+                                        for v in validators]
+
+
+def _validate_llama_heads(config) -> None:
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(f"num_attention_heads ({config.num_attention_heads}) is not a multiple of "
+                         f"num_key_value_heads ({config.num_key_value_heads})")
+    derived = config.head_dim == config.hidden_size // config.num_attention_heads
+    if derived and config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"The hidden size ({config.hidden_size}) is not a multiple of the number of attention "
+                         f"heads ({config.num_attention_heads}); give head_dim")
+
+
 def llama_config(cfg: ModelConfig, vocab_size: int, bos: int | None, eos: int | None, pad: int | None) -> LlamaConfig:
     from transformers import LlamaConfig
+
+    allow_explicit_head_dim()
 
     return LlamaConfig(
         vocab_size=cfg.vocab or vocab_size,
@@ -85,6 +112,7 @@ def load(folder: Path, zero3: dict[str, Any] | None = None) -> LlamaForCausalLM:
 
     from . import zero3 as partitions
 
+    allow_explicit_head_dim()
     if zero3 is not None:
         return partitions.load(folder, zero3)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")

@@ -126,9 +126,17 @@ def test_the_sheared_search_recipe_tries_table_7_and_table_1s_shape_is_one(paren
     assert (32, 32, 3456, 7552) in {(s.layers, s.heads, s.hidden, s.ffn) for s in shapes}
 
 
-@pytest.mark.xfail(strict=True, reason="transformers 5.x LlamaConfig.validate_architecture requires hidden_size % "
-                   "num_attention_heads == 0 even with an explicit head_dim, so FLAP's 20 heads of 128 in a 4096-wide "
-                   "model cannot be saved or loaded as a Hugging Face config")
-def test_flaps_table_1_shape_saves_as_a_hugging_face_config(parent, tmp_path):
+def test_flaps_table_1_shape_saves_and_loads_as_a_hugging_face_config(parent, tmp_path):
+    """transformers 5.x refuses 20 heads of 128 in a 4096-wide Llama unless prunectl relaxes its check for an
+    explicit head_dim (model.allow_explicit_head_dim, applied by every prunectl job); a fresh process that
+    loads it through prunectl reads the shape back."""
+    import subprocess
+    import sys
+
     cfg = recipes.resolve(str(PRUNE / "flap-50.yaml")).prune
     _built(cfg.spec.feasible(cfg, parent)[0]).config.save_pretrained(tmp_path)
+    read = ("from prunectl.model import allow_explicit_head_dim; allow_explicit_head_dim(); "
+            "from transformers import AutoConfig; c = AutoConfig.from_pretrained(%r); "
+            "print(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim)" % str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["4096", "20", "5", "128"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..model import Shape
+from ..model import Shape, allow_explicit_head_dim
 
 if TYPE_CHECKING:
     import torch
@@ -95,6 +95,7 @@ def cut(
         if shape.mlp_bias or add_bias:
             out[dst + "mlp.down_proj.bias"] = rows(state.get(src + "mlp.down_proj.bias", torch.zeros(shape.hidden)))
 
+    allow_explicit_head_dim()  # FLAP's and Sheared-LLaMA's head counts need not divide the hidden size
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.num_hidden_layers = len(layers)
     config.hidden_size = new_hidden
