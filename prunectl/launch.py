@@ -111,7 +111,10 @@ class Threaded:
     in_process: bool = False  # the debug executor: hand an exception back, never to pdb
 
     def __call__(self) -> Any:
+        from .model import allow_explicit_head_dim
+
         os.environ.setdefault("PRUNECTL_THREADS", str(self.threads))
+        allow_explicit_head_dim()  # jobs read and write pruned Llama shapes that transformers 5.x refuses
         if not self.in_process:
             return self.fn()
         try:

@@ -47,7 +47,7 @@ def allow_explicit_head_dim() -> None:
     given, as Llama's attention allows (q/k/v/o are sized heads x head_dim). transformers 5.x refuses it
     whatever head_dim says (huggingface/transformers#46082), which FLAP's and Sheared-LLaMA's shapes need:
     Table 1's FLAP keeps 20 heads of 128 in a 4096-wide model. A head_dim derived from the hidden size is
-    still checked. Called before prunectl makes or reads a pruned config, and at the start of every job."""
+    still checked. Called at the start of every job (launch.Threaded) and where prunectl makes or reads a config."""
     from transformers import LlamaConfig
 
     validators = getattr(LlamaConfig, "__class_validators__", None)
