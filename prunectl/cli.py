@@ -345,6 +345,8 @@ def study(recipe: RecipeArg, overrides: Overrides = None, executor: ExecutorOpt 
     budget_rows, problems = studies.budgets(root, planned)
     if problems:  # estimated from the data recipes while the data is not prepared; each job checks again at its start
         raise PrunectlError(studies.one_budget_line(problems))
+    if problems := studies.memory_problems(root, planned, profile):  # what would not fit its GPUs, before any queue
+        raise PrunectlError(*problems)
     if dry_run:
         groups = list(studies.dry_run_groups(root, r, planned, executor, profile))
         if as_json:

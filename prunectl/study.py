@@ -227,23 +227,66 @@ def _data_dry_run(root: Path, todo: list[Node], executor: str, profile: str | No
         yield title, [n], script
 
 
+def _trained_shape(root: Path, planned: Planner, n: Node):
+    """(shape, holds a mask) of what a training node builds: from its input once that exists; before, the largest
+    shape its prune can make on the parent (the prune's own feasible shapes), or the parent's. None if unknown."""
+    r = recipes.resolve(n.source, n.overrides)
+    found = train.train_shape(root, r)
+    if found is not None:
+        return found
+    parent = next((p for p in planned.nodes if p.group == "parent"), None)
+    upper = parent and train.train_shape(root, recipes.resolve(parent.source, parent.overrides))
+    if not upper:
+        return None
+    prune = next((p for p in planned.nodes if p.key in n.deps and p.group == "prune"), None)
+    if prune is None:  # no prune makes a model larger: the parent's shape, with a mask, bounds it
+        return upper[0], n.group != "parent"
+    cfg = recipes.resolve(prune.source, prune.overrides).prune
+    try:
+        shapes = cfg.spec.feasible(cfg, upper[0])
+    except PrunectlError:
+        return upper[0], cfg.spec.sparse  # the prune's own check names the problem
+    return max(shapes, key=lambda s: s.parameters()), cfg.spec.sparse
+
+
+def _estimates(root: Path, planned: Planner, bucket: list[Node], res):
+    """Each training node's (recipe, shape, holds a mask) for the memory preflight; stops at the first unknown."""
+    for n in bucket:
+        found = _trained_shape(root, planned, n)
+        if found is None:
+            return
+        yield recipes.resolve(n.source, n.overrides), *found
+
+
 def _memory_note(root: Path, planned: Planner, bucket: list[Node], res) -> str:
-    """A training group's largest estimated peak per GPU. A run whose input is not made yet is estimated with
-    its parent's shape and a mask: no prune makes a model larger, so that bounds it from above."""
+    """A training group's largest estimated peak per GPU (not-yet-made inputs bounded as _trained_shape says)."""
     if bucket[0].stage not in ("pretrain", "retrain"):
         return ""
-    parent = next(n for n in planned.nodes if n.group == "parent")
-    upper = train.train_shape(root, recipes.resolve(parent.source, parent.overrides))
     worst = 0.0
-    for n in bucket:
-        r = recipes.resolve(n.source, n.overrides)
-        found = train.train_shape(root, r) or (upper and (upper[0], n.group != "parent"))
-        if not found:
-            return ""
+    for r, shape, masked in _estimates(root, planned, bucket, res):
         bf16 = r.train.precision == "bf16" or (r.train.precision == "auto" and res.gpus_per_node > 0)
-        worst = max(worst, memory.total(memory.estimate(found[0], r.train, res.world, bf16, found[1])))
+        worst = max(worst, memory.total(memory.estimate(shape, r.train, res.world, bf16, masked)))
+    if not worst:
+        return ""
     unit = "GPU" if res.gpus_per_node else "rank"
     return f", memory at most ~{worst / memory.GIB:.1f} GiB per {unit}" + (f" of {res.gpu_mem_gb}" if res.gpu_mem_gb else "")
+
+
+def memory_problems(root: Path, planned: Planner, profile: str | None) -> list[str]:
+    """The preflight for every training job of the study, before anything waits in a queue: one line per job
+    whose estimated peak exceeds its profile's GPUs (inputs not made yet are bounded from above)."""
+    problems = []
+    for n in planned.nodes:
+        if n.stage not in ("pretrain", "retrain") or n.state not in ("planned", "resume", "new"):
+            continue
+        res = launch.resources(recipes.resolve(n.source, n.overrides).launch, profile)
+        if not res.gpus_per_node or not res.gpu_mem_gb:
+            continue
+        for r, shape, masked in _estimates(root, planned, [n], res):
+            line = memory.fit_problem(r.name, shape, r.train, res.world, r.train.precision != "fp32", masked,
+                                      res.gpu_mem_gb)
+            problems += [line] if line else []
+    return problems
 
 
 def budgets(root: Path, planned: Planner) -> tuple[list[dict[str, Any]], list[str]]:

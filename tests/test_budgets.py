@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from prunectl.train import TrainConfig
 
 from .conftest import REPO, prunectl, refused
@@ -58,3 +60,22 @@ def test_the_paper_study_dry_run_shows_budgets_and_refuses_too_few_documents(tmp
     assert line.startswith("error: train.tokens: paper-parent@vNNN trains on 200,000,000,000 tokens but range "
                            "pretrain of paper-data@vNNN holds about 140,000,000,000"), line
     assert "more runs of this study" in line
+
+
+@pytest.mark.slow
+def test_a_study_whose_retrains_cannot_fit_their_gpus_is_refused_before_any_queue(tmp_path):
+    """The memory preflight covers every training job of a study, also those whose input (a prune) is not made
+    yet: bounded by the largest shape the prune can make, with its mask."""
+    env = {"PATH": "/usr/bin:/bin", "PRUNECTL_RUNS": str(tmp_path / "runs")}
+    paper = tmp_path / "paper"
+    shutil.copytree(REPO / "recipes" / "paper", paper)
+    budget = paper / "_retrain-budget.yaml"
+    budget.write_text(budget.read_text().replace("zero_stage: 3", "zero_stage: 2")
+                      .replace("activation_checkpointing: selective", "activation_checkpointing: none"))
+    err = refused(env, tmp_path / "runs", "study", str(paper / "study.yaml"), "--executor", "slurm", "--dry-run",
+                  written="**/*")
+    lines = err.splitlines()
+    wanda = next(line for line in lines if line.startswith("error: memory: paper-wanda-50-r10b needs about "))
+    assert "per GPU, over the 90% of 80 GiB" in wanda and wanda.endswith(
+        "try train.zero_stage=3 train.activation_checkpointing=selective")
+    assert not any("paper-parent" in line for line in lines)  # the parent's own recipe still fits
