@@ -201,6 +201,7 @@ class PruneReport(Artifact):
     target_ratio: float | None = None
     ratio_of: str
     parent: str
+    dtype: str | None = None  # the parent's stored dtype: what the method ran in and the pruned model is saved in
     calibration: dict[str, Any] | None = None
     candidates: list[dict[str, Any]] = Field(default_factory=list)
     achieved_ratio: float

@@ -80,6 +80,14 @@ def init() -> RankEnv:
     )
 
 
+def allow_tf32(device) -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on a GPU (fp32 statistics, losses); nothing on a CPU."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
 def rank() -> int:
     """This process's global rank in a submitit job (0 outside one), without starting a process group."""
     try:

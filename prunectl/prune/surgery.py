@@ -53,6 +53,11 @@ def cut(
     def rows(t: torch.Tensor) -> torch.Tensor:  # hidden is the output dimension
         return t if hidden is None else t.index_select(0, hidden)
 
+    embed = state["model.embed_tokens.weight"]
+
+    def zeros(n: int) -> torch.Tensor:  # a new bias, in the weights' dtype (bf16 parents) and place
+        return torch.zeros(n, dtype=embed.dtype, device=embed.device)
+
     out: dict[str, torch.Tensor] = {}
     out["model.embed_tokens.weight"] = cols(state["model.embed_tokens.weight"])
     out["model.norm.weight"] = rows(state["model.norm.weight"])
@@ -76,24 +81,24 @@ def cut(
             w = cols(get(f"self_attn.{name}.weight"))
             out[dst + f"self_attn.{name}.weight"] = w if idx is None else w.index_select(0, idx)
             if shape.attention_bias or add_bias:
-                b = state.get(src + f"self_attn.{name}.bias", torch.zeros(get(f"self_attn.{name}.weight").shape[0]))
+                b = state.get(src + f"self_attn.{name}.bias", zeros(get(f"self_attn.{name}.weight").shape[0]))
                 out[dst + f"self_attn.{name}.bias"] = b if idx is None else b.index_select(0, idx)
         w = rows(get("self_attn.o_proj.weight"))
         out[dst + "self_attn.o_proj.weight"] = w if q_idx is None else w.index_select(1, q_idx)
         if shape.attention_bias or add_bias:
-            out[dst + "self_attn.o_proj.bias"] = rows(state.get(src + "self_attn.o_proj.bias", torch.zeros(shape.hidden)))
+            out[dst + "self_attn.o_proj.bias"] = rows(state.get(src + "self_attn.o_proj.bias", zeros(shape.hidden)))
         # MLP
         f_idx = None if ffn is None else ffn[new_i]
         for name in ("gate_proj", "up_proj"):
             w = cols(get(f"mlp.{name}.weight"))
             out[dst + f"mlp.{name}.weight"] = w if f_idx is None else w.index_select(0, f_idx)
             if shape.mlp_bias or add_bias:
-                b = state.get(src + f"mlp.{name}.bias", torch.zeros(shape.ffn))
+                b = state.get(src + f"mlp.{name}.bias", zeros(shape.ffn))
                 out[dst + f"mlp.{name}.bias"] = b if f_idx is None else b.index_select(0, f_idx)
         w = rows(get("mlp.down_proj.weight"))
         out[dst + "mlp.down_proj.weight"] = w if f_idx is None else w.index_select(1, f_idx)
         if shape.mlp_bias or add_bias:
-            out[dst + "mlp.down_proj.bias"] = rows(state.get(src + "mlp.down_proj.bias", torch.zeros(shape.hidden)))
+            out[dst + "mlp.down_proj.bias"] = rows(state.get(src + "mlp.down_proj.bias", zeros(shape.hidden)))
 
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.num_hidden_layers = len(layers)

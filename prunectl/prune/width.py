@@ -75,7 +75,8 @@ def flap_candidates(shape: Shape, ratio: float, quantum: int, count: int) -> lis
 
 def minitron_scores(model: LlamaForCausalLM, ids: torch.Tensor, micro: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Activation L2 norms: hidden channels from every RMSNorm output feeding attention and MLP (summed
-    over layers), MLP channels from each layer's down_proj input. One pass over the unpruned model."""
+    over layers), MLP channels from each layer's down_proj input. One pass over the unpruned model's decoder
+    (the LM head's logits are not needed)."""
     import torch
 
     layers = model.model.layers
@@ -84,7 +85,7 @@ def minitron_scores(model: LlamaForCausalLM, ids: torch.Tensor, micro: int) -> t
     def run() -> None:
         with torch.inference_mode():
             for x in batches(ids, micro):
-                model(input_ids=x.to(next(model.parameters()).device))
+                model.model(input_ids=x.to(next(model.parameters()).device))
 
     handles, per_layer = [], []
     from .calibration import InputStats
@@ -171,11 +172,14 @@ def flap_feasible(cfg, shape: Shape) -> None:
 
 
 def apply_minitron(ctx: Context) -> Pruned:
-    """Minitron-width: activation importance once, then every candidate shape cut from it (Table 5)."""
+    """Minitron-width: activation importance once, then every candidate shape cut from it (Table 5). The cuts
+    are made on the host, from the parent moved back there, and select() puts one candidate at a time on the
+    device: device memory holds the parent or one candidate, never both."""
 
     candidates = minitron_candidates(ctx.shape, ctx.cfg.ratio, ctx.cfg.search.quantum, ctx.cfg.search.candidates)
     with ctx.meter.phase("score channels"):
         scores = minitron_scores(ctx.model, ctx.ids, ctx.micro)
+    ctx.model.to("cpu")
     with ctx.meter.phase(f"search {len(candidates)} candidate(s)"):
         made = ((minitron_prune(ctx.model, scores, t), t.describe()) for t in candidates)
         return Pruned(select(made, ctx.ids, ctx.micro, ctx.device, ctx.report["candidates"]))
