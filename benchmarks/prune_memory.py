@@ -1,0 +1,185 @@
+"""Prune memory: peak host memory of the `prune` stage against the number of calibration samples and the
+parent's size, with the layer-wise pass's hidden states spilled to the run directory past a budget.
+
+What it runs: the real stage (`prunectl prune <recipe> --executor debug`, one rank in the worker's own
+process) on a bf16 parent built here: a random-init Llama (prunectl.model.build, --seed) with hidden 3072,
+2 layers, 24 heads, 8 KV heads, MLP 6144 and the data run's tied 2048 vocabulary, 170 M parameters (the
+script refuses fewer than --min-params, 150 M), saved with its tokenizer as a Hugging Face directory in
+bf16 (config.json records it, so the stage loads and saves bf16). Wide and shallow on purpose: the hidden
+states per calibration token are large against the compute per token, so they show in memory within
+minutes on two cores. Calibration reads the data run's "calibration" range (default tiny-data@latest
+under --runs-dir) at --seq-len tokens, micro batch 8; held-out loss is off.
+
+Per method (Wanda 50% unstructured, Minitron-width 50% with 2 candidates), three prunes, each in a fresh
+subprocess:
+
+  1x           --samples sequences, calibration.memory_gb = --budget-gb (sized so they fit: kept in memory);
+  4x spilled   4 x --samples sequences, the same budget (they exceed it: spilled to the run directory);
+  4x in RAM    4 x --samples sequences, calibration.memory_gb = 64 (kept in memory).
+
+Columns: peak growth = the worker's VmHWM after the prune minus its VmRSS just before it (torch,
+transformers' Llama, deepspeed and prunectl's stage already imported); vs parent = peak growth / the parent's bf16
+safetensors size; hidden MB and spilled from the report's calibration_memory (the layer-wise pass's
+hidden states: Wanda only; Minitron-width scores the whole model and keeps no per-sample state); prune s =
+the method's phases of the Meter (prune (sequential), or score channels + search); total s = every phase.
+
+Printed ratios, all from this one run: peak growth 4x spilled / 1x (the spill bounds memory: target
+<= 1.10), 4x in RAM / 1x (what the hidden states cost without it), and prune s 4x spilled / 4x in RAM (the
+time cost of spilling: the pass reads and writes every batch's hidden states once per layer).
+
+    .venv/bin/python benchmarks/prune_memory.py [--runs-dir runs] [--samples 24] [--seq-len 128]
+                                                [--budget-gb 0.025] [--threads 2] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RECIPE = """
+name: {name}
+stage: prune
+parent: {parent}
+data: {data}
+calibration: {{range: calibration, samples: {samples}, seq_len: {seq_len}, micro_batch: 8, memory_gb: {budget}}}
+heldout: {{range: validation, tokens: 0, seq_len: {seq_len}}}
+prune: {{method: {method}, ratio: 0.5, search: {{candidates: 2}}}}
+launch: {{tasks_per_node: 1, cpus_per_task: {threads}, time_min: 60}}
+"""
+IN_RAM_GB = 64
+METHOD_PHASES = {"wanda": ("prune (sequential)",), "minitron-width": ("score channels", "search")}
+
+
+def status(key: str) -> int:
+    """VmRSS / VmHWM of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def worker(recipe: str, root: str) -> None:
+    """One prune in this fresh process; prints its peak growth and report as a JSON line."""
+    # imported before the baseline, so the growth is the prune's own: the rank setup loads deepspeed, and
+    # transformers' Llama modules alone add ~130 MB
+    for module in ("deepspeed", "transformers.models.llama.modeling_llama", "prunectl.prune.methods",
+                   "prunectl.stages.prune"):
+        importlib.import_module(module)
+    from prunectl import cli
+
+    base = status("VmRSS")
+    sys.argv = ["prunectl", "prune", recipe, "--executor", "debug", "--runs-dir", root]
+    try:
+        cli.main()
+    except SystemExit as done:
+        if done.code:
+            raise
+    name = Path(recipe).stem
+    report = json.loads((Path(root) / name / "v001" / "report.json").read_text())
+    print(json.dumps({"peak_growth": status("VmHWM") - base, "report": report}))
+
+
+def build_parent(args, data_dir: Path, out: Path) -> int:
+    """A seeded bf16 Llama saved with the data run's tokenizer; returns its parameter count."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from prunectl import model as models
+
+    tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    cfg = models.ModelConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+                             ffn=args.ffn, max_position=max(256, args.seq_len), tie_embeddings=True)
+    config = models.llama_config(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                 tokenizer.pad_token_id)
+    parent = models.build(config, args.seed).to(torch.bfloat16)
+    parent.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return sum(p.numel() for p in parent.parameters())
+
+
+def prune_in_subprocess(root: Path, name: str, fields: dict) -> dict:
+    recipe = root / f"{name}.yaml"
+    recipe.write_text(textwrap.dedent(RECIPE.format(name=name, **fields)))
+    env = {**os.environ, "PRUNECTL_RUNS": str(root), "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, __file__, "--worker", str(recipe), str(root)], env=env, cwd=REPO,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs-dir", default=None, help="runs root holding the data run (default: $PRUNECTL_RUNS or ./runs)")
+    ap.add_argument("--data", default="tiny-data@latest")
+    ap.add_argument("--samples", type=int, default=24, help="calibration sequences at 1x")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--budget-gb", type=float, default=0.025, help="calibration.memory_gb: 1x fits, 4x spills")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default="wanda,minitron-width")
+    ap.add_argument("--hidden", type=int, default=3072)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=24)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--ffn", type=int, default=6144)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-params", type=float, default=150e6)
+    ap.add_argument("--smoke", action="store_true", help="a tiny parent and 8 samples: checks the script runs")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(*args.worker)
+    if args.smoke:
+        args.hidden, args.heads, args.kv_heads, args.ffn, args.samples, args.seq_len = 64, 4, 2, 128, 8, 32
+        args.min_params, args.budget_gb = 0, 1e-4
+
+    from prunectl import store
+
+    data_run = store.resolve(store.runs_root(args.runs_dir), args.data)
+    with tempfile.TemporaryDirectory(prefix="prune-memory-") as tmp:
+        root = Path(tmp)
+        (root / data_run.dir.parent.name).mkdir()
+        (root / data_run.dir.parent.name / data_run.dir.name).symlink_to(data_run.dir, target_is_directory=True)
+        parent = root / "parent"
+        params = build_parent(args, data_run.dir, parent)
+        parent_bytes = sum(f.stat().st_size for f in parent.glob("*.safetensors"))
+        print(f"bf16 parent: {params:,} parameters, {parent_bytes / 2**20:,.0f} MiB; calibration {args.samples} "
+              f"and {4 * args.samples} x {args.seq_len} tokens; budget {args.budget_gb} GB; {args.threads} threads")
+        if params < args.min_params:
+            raise SystemExit(f"{params:,} parameters is below --min-params {args.min_params:,.0f}")
+        common = {"parent": parent, "data": data_run.ref, "seq_len": args.seq_len, "threads": args.threads}
+        cases = [("1x", args.samples, args.budget_gb), ("4x spilled", 4 * args.samples, args.budget_gb),
+                 ("4x in RAM", 4 * args.samples, IN_RAM_GB)]
+        print(f"{'method':15s} {'case':11s} {'peak growth MiB':>15s} {'vs parent':>9s} {'hidden MB':>9s} "
+              f"{'spilled':>7s} {'prune s':>8s} {'total s':>8s}")
+        for method in args.methods.split(","):
+            rows = {}
+            for k, (case, samples, budget) in enumerate(cases):
+                out = prune_in_subprocess(root, f"{method}-{k}", {**common, "method": method, "samples": samples,
+                                                                   "budget": budget})
+                report, phases = out["report"], out["report"]["phases"]
+                memory = report.get("calibration_memory") or {}
+                rows[case] = row = {
+                    "peak": out["peak_growth"] / 2**20,
+                    "prune_s": sum(p["seconds"] for p in phases if p["phase"].startswith(METHOD_PHASES[method])),
+                    "total_s": sum(p["seconds"] for p in phases)}
+                hidden = f"{memory['hidden_states_gb'] * 1024:.0f}" if memory else "-"
+                print(f"{method:15s} {case:11s} {row['peak']:15,.0f} {out['peak_growth'] / parent_bytes:9.2f} "
+                      f"{hidden:>9s} {str(memory.get('spilled', '-')):>7s} {row['prune_s']:8.1f} {row['total_s']:8.1f}",
+                      flush=True)
+            base = rows["1x"]["peak"]
+            print(f"{method}: peak growth 4x spilled / 1x = {rows['4x spilled']['peak'] / base:.3f} (target <= 1.10), "
+                  f"4x in RAM / 1x = {rows['4x in RAM']['peak'] / base:.3f}; prune s 4x spilled / 4x in RAM = "
+                  f"{rows['4x spilled']['prune_s'] / rows['4x in RAM']['prune_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
