@@ -25,9 +25,6 @@ growth / the parent's bf16 safetensors size; in phase = the same peak within the
 through /proc/self/clear_refs as each phase starts); hidden MB and spilled from the report's
 calibration_memory (the layer-wise pass's hidden states: Wanda only; Minitron-width scores the whole model a
 batch at a time and keeps no per-sample state); prune s = the seconds of those phases; total s = every phase.
-The whole-run peak is reached while loading (transformers maps the safetensors file, and the mapped pages
-count as resident beside the materialised weights), so the method's phases are where the hidden states
-show.
 
 Printed ratios, all from this one run: peak growth 4x spilled / 1x, whole run and in the method's phases
 (the spill bounds memory: target <= 1.10), 4x in RAM / 1x (what the hidden states cost without it), and

@@ -124,3 +124,13 @@ def test_a_bf16_parent_is_pruned_and_saved_in_bf16(fresh_runs):
                 "print({str(p.dtype) for p in m.parameters()} == {'torch.bfloat16'} and loss == loss)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
         assert out.stdout.strip().splitlines()[-1] == "True", (method, out.stdout, out.stderr)
+
+
+def test_a_cut_shares_no_storage_with_its_parent():
+    from prunectl.prune.surgery import cut
+
+    m = _model()
+    parent = {t.untyped_storage().data_ptr() for t in m.state_dict().values()}
+    for small in (cut(m, hidden=torch.arange(0, 64, 2), ffn=[torch.arange(64)] * 3), cut(m, layers=[0, 2])):
+        assert not parent & {t.untyped_storage().data_ptr() for t in small.state_dict().values()}
+        small(_ids())  # and it runs

@@ -111,7 +111,16 @@ def sparsegpt_(weight: torch.Tensor, xtx: torch.Tensor, samples: int, ratio: flo
     Columns are processed in blocks; within a block each pruned weight's error is pushed onto the
     not-yet-processed columns through the inverse Hessian's Cholesky factor. Unstructured masks are
     chosen per block by w^2 / [H^-1]_jj^2 with counts that add up to exactly ratio * numel per Linear.
+    Everything runs in fp32 without TF32, whatever the weight's dtype.
     """
+    from ..distributed import exact_fp32
+
+    with exact_fp32():
+        return _sparsegpt(weight, xtx, samples, ratio, nm, cfg, name)
+
+
+def _sparsegpt(weight: torch.Tensor, xtx: torch.Tensor, samples: int, ratio: float, nm: tuple[int, int] | None,
+               cfg: SparseGPTConfig, name: str) -> torch.Tensor:
     import torch
 
     w = weight.data.float().clone()  # the OBS updates run in fp32 whatever the model's dtype; cast back once at the end

@@ -113,7 +113,11 @@ def cut(
     # Build without random init: weights are assigned below; only the rotary buffer needs computing.
     with torch.device("meta"):
         small = LlamaForCausalLM(config)
-    small.load_state_dict({k: v.contiguous().clone() for k, v in out.items()}, strict=not shape.tied, assign=True)
+    # slices made by index_select are already new tensors; copy only what still shares the parent's storage, so a
+    # candidate exists once (at Llama-3.1-8B scale a second copy is gigabytes of host memory)
+    parent_storage = {t.untyped_storage().data_ptr() for t in state.values()}
+    small.load_state_dict({k: v.clone() if v.untyped_storage().data_ptr() in parent_storage else v.contiguous()
+                           for k, v in out.items()}, strict=not shape.tied, assign=True)
     if shape.tied:
         small.lm_head.weight = small.model.embed_tokens.weight
     small.model.rotary_emb = type(model.model.rotary_emb)(config=config)
