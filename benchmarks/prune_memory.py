@@ -20,7 +20,9 @@ Minitron-width keeps no hidden states across batches, so it runs 1x and 4x only 
 
 Columns: peak growth = the worker's peak resident memory (VmHWM) over the whole prune minus its VmRSS just
 before it (torch, transformers' Llama, deepspeed and prunectl's stage already imported); vs parent = peak
-growth / the parent's bf16 safetensors size; in phase = the same peak within the method's own Meter phases
+growth / the parent's bf16 safetensors size (the workers run with MALLOC_MMAP_THRESHOLD_=1 MiB, so freed
+blocks leave the resident set and the peak is the live memory's, not the allocator's history: without it
+the same prune's peak moved by ~100 MB from run to run); in phase = the same peak within the method's own Meter phases
 (prune (sequential), or score channels + search: where the calibration data lives; the worker resets VmHWM
 through /proc/self/clear_refs as each phase starts); hidden MB and spilled from the report's
 calibration_memory (the layer-wise pass's hidden states: Wanda only; Minitron-width scores the whole model a
@@ -135,7 +137,9 @@ def build_parent(args, data_dir: Path, out: Path) -> int:
 def prune_in_subprocess(root: Path, name: str, fields: dict) -> dict:
     recipe = root / f"{name}.yaml"
     recipe.write_text(textwrap.dedent(RECIPE.format(name=name, **fields)))
-    env = {**os.environ, "PRUNECTL_RUNS": str(root), "PYTHONPATH": str(REPO)}
+    # glibc otherwise serves large blocks from its heap once large frees raised its mmap threshold, and freed
+    # memory then stays resident by chance: a fixed threshold returns every block over 1 MiB when it is freed
+    env = {**os.environ, "PRUNECTL_RUNS": str(root), "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     out = subprocess.run([sys.executable, __file__, "--worker", str(recipe), str(root)], env=env, cwd=REPO,
                          capture_output=True, text=True)
     if out.returncode:
