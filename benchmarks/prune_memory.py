@@ -19,14 +19,15 @@ Per method (Wanda 50% unstructured, Minitron-width 50% with 2 candidates), prune
 Minitron-width keeps no hidden states across batches, so it runs 1x and 4x only (its budget changes nothing).
 
 Columns: peak growth = the worker's peak resident memory (VmHWM) over the whole prune minus its VmRSS just
-before it (torch, transformers' Llama, deepspeed and prunectl's stage already imported); vs parent = peak
-growth / the parent's bf16 safetensors size (the workers run with MALLOC_MMAP_THRESHOLD_=1 MiB, so freed
-blocks leave the resident set and the peak is the live memory's, not the allocator's history: without it
-the same prune's peak moved by ~100 MB from run to run); in phase = the same peak within the method's own Meter phases
-(prune (sequential), or score channels + search: where the calibration data lives; the worker resets VmHWM
-through /proc/self/clear_refs as each phase starts); hidden MB and spilled from the report's
-calibration_memory (the layer-wise pass's hidden states: Wanda only; Minitron-width scores the whole model a
-batch at a time and keeps no per-sample state); prune s = the seconds of those phases; total s = every phase.
+before it (torch, transformers' Llama, deepspeed and prunectl's stage already imported). The workers run
+with MALLOC_MMAP_THRESHOLD_=1 MiB, so freed blocks leave the resident set and the peak is the live
+memory's, not the allocator's history (without it the same prune's peak moved by ~100 MB between runs).
+vs parent = peak growth / the parent's bf16 safetensors size; in phase = the same peak within the method's
+own Meter phases (prune (sequential), or score channels + search: where the calibration data lives; the
+worker resets VmHWM through /proc/self/clear_refs as each phase starts); hidden MB and spilled from the
+report's calibration_memory (the layer-wise pass's hidden states: Wanda only; Minitron-width scores the
+whole model a batch at a time and keeps no per-sample state); prune s = the seconds of those phases;
+total s = every phase.
 
 Printed ratios, all from this one run: peak growth 4x spilled / 1x, whole run and in the method's phases
 (the spill bounds memory: target <= 1.10), 4x in RAM / 1x (what the hidden states cost without it), and
