@@ -203,6 +203,7 @@ class PruneReport(Artifact):
     ratio_of: str  # total, decoder or layers (reports before prune.ratio_of existed: a phrase)
     target_shape: dict[str, int] | None = None  # prune.target, when the recipe pinned the shape
     parent: str
+    dtype: str | None = None  # the parent's stored dtype: what the method ran in and the pruned model is saved in
     calibration: dict[str, Any] | None = None
     candidates: list[dict[str, Any]] = Field(default_factory=list)
     achieved_ratio: float

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,28 @@ def init() -> RankEnv:
         job_id=job_id,
         slurm_job_id=slurm_job_id,
     )
+
+
+def allow_tf32(device) -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on a GPU (fp32 statistics, losses); nothing on a CPU."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+@contextmanager
+def exact_fp32():
+    """fp32 matmuls without TF32 inside the block (SparseGPT's reference code turns TF32 off: its column-by-column
+    updates compound every rounding), whatever allow_tf32() set."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def rank() -> int:

@@ -16,15 +16,23 @@ from torch.utils.checkpoint import checkpoint
 
 def next_token_loss(lm, input_ids: torch.Tensor, chunk: int) -> torch.Tensor:
     """Mean cross-entropy of each token given the ones before it; `chunk` tokens of logits at a time (0: all)."""
-    hidden = lm.model(input_ids=input_ids).last_hidden_state[:, :-1]
-    h = hidden.reshape(-1, hidden.shape[-1])
+    hidden = lm.model(input_ids=input_ids).last_hidden_state
+    return summed_next_token_loss(lm.lm_head, hidden, input_ids, chunk, recompute=True) / (input_ids[:, 1:].numel())
+
+
+def summed_next_token_loss(head, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int,
+                           recompute: bool = False) -> torch.Tensor:
+    """Summed cross-entropy of each next token from the final hidden states, `chunk` tokens of fp32 logits at a
+    time (0: all). recompute=True recomputes each chunk's logits in backward (training); scoring needs no graph."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = input_ids[:, 1:].reshape(-1)
     n = y.numel()
     if not chunk or chunk >= n:
-        return _summed(lm.lm_head, h, y) / n
-    total = sum(checkpoint(_summed, lm.lm_head, h[i : i + chunk], y[i : i + chunk], use_reentrant=False)
-                for i in range(0, n, chunk))
-    return total / n
+        return _summed(head, h, y)
+    if recompute:
+        return sum(checkpoint(_summed, head, h[i : i + chunk], y[i : i + chunk], use_reentrant=False)
+                   for i in range(0, n, chunk))
+    return sum(_summed(head, h[i : i + chunk], y[i : i + chunk]) for i in range(0, n, chunk))
 
 
 def _summed(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -219,6 +219,19 @@ def save(model: LlamaForCausalLM, state_dict: dict[str, Any] | None, tokenizer, 
     tokenizer.save_pretrained(out)
 
 
+STORED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def stored_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype a Hugging Face directory's weights are saved in (config.json `dtype`, or `torch_dtype` from
+    transformers < 5); float32 when it records none."""
+    import torch
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name) if name in STORED_DTYPES else torch.float32
+
+
 def locate(root: Path, ref: str) -> tuple[Path, str]:
     """A model to read, and how a manifest records it: a complete run's final/ (name@vNNN), or a local
     Hugging Face directory given by explicit path (containing '/', or starting with '.' or '~'; recorded as

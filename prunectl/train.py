@@ -357,8 +357,7 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
     if cfg.compile:
         for layer in lm.model.layers:
             layer.compile()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    distributed.allow_tf32(device)
     engine, _, _, scheduler = deepspeed.initialize(
         model=net,
         model_parameters=objective.parameters(net),

@@ -58,7 +58,7 @@ def test_layerwise_pass_matches_the_full_model():
     for _ in walk.each_layer():
         pass
     with torch.no_grad():
-        logits = m.lm_head(m.model.norm(torch.cat(walk.hidden)))
+        logits = m.lm_head(m.model.norm(torch.cat(list(walk.hidden))))
         assert torch.allclose(logits, m(x).logits, atol=1e-4)
 
 

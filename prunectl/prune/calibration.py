@@ -8,7 +8,8 @@ one accumulation of statistics instead of one each.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,6 +32,10 @@ class CalibrationConfig(Strict):
     seq_len: int = Field(8192, ge=8)
     micro_batch: int = Field(8, ge=1, description="sequences per forward pass")
     seed: int = Field(0, ge=0)
+    memory_gb: float | None = Field(
+        None, gt=0, description="host memory for the layer-wise pass's hidden states (Wanda, SparseGPT); beyond it "
+        "they spill to a file in the run directory. Default: half of what the job may still use once the parent "
+        "is loaded (Slurm's launch.mem_gb for the node, or the machine's available memory outside Slurm)")
 
 
 def sample(stream: TokenStream, cfg: CalibrationConfig, where: str) -> torch.Tensor:
@@ -55,18 +60,23 @@ def batches(ids: torch.Tensor, micro: int) -> Iterator[torch.Tensor]:
         yield ids[i : i + micro]
 
 
+LOSS_CHUNK_TOKENS = 2048  # tokens of fp32 logits at a time (training's default loss_chunk_tokens)
+
+
 def lm_loss(model: LlamaForCausalLM, ids: torch.Tensor, micro: int) -> float:
-    """Mean next-token loss (nats) over every predicted token of `ids`."""
+    """Mean next-token loss (nats) over every predicted token of `ids`, without a [tokens x vocab] logits tensor."""
     import torch
+
+    from ..loss import summed_next_token_loss
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.inference_mode():
         for x in batches(ids, micro):
             x = x.to(device)
-            n = x.numel() - x.shape[0]
-            total += float(model(input_ids=x, labels=x).loss) * n
-            count += n
+            hidden = model.model(input_ids=x).last_hidden_state
+            total += float(summed_next_token_loss(model.lm_head, hidden, x, LOSS_CHUNK_TOKENS))
+            count += x.numel() - x.shape[0]
     return total / count
 
 
@@ -187,39 +197,64 @@ def collect(layer: torch.nn.Module, run: Callable[[], None], gram: bool = False,
 
 @dataclass
 class Layerwise:
-    """Calibration activations walked through the decoder one layer at a time."""
+    """Calibration activations walked through the decoder one layer at a time. The hidden states between layers
+    stay in the model's dtype, in host memory up to `budget` bytes and beyond it in a file in `spill_dir`
+    (activations.HiddenStates); use as a context manager so that file goes when the pass ends."""
 
     model: LlamaForCausalLM
     ids: torch.Tensor
     micro: int
     device: torch.device
-    hidden: list[torch.Tensor] = field(default_factory=list)
+    budget: float = float("inf")
+    spill_dir: Path | None = None
 
     def __post_init__(self) -> None:
         import torch
 
-        self.model.model.embed_tokens.to(self.device)
-        with torch.inference_mode():
-            self.hidden = [self.model.model.embed_tokens(x.to(self.device)).cpu() for x in batches(self.ids, self.micro)]
-        self.model.model.embed_tokens.to("cpu")
+        from .activations import HiddenStates
+
+        embed = self.model.model.embed_tokens.to(self.device)
+        shapes = [(len(x), x.shape[1], embed.embedding_dim) for x in batches(self.ids, self.micro)]
+        self.hidden = HiddenStates(shapes, embed.weight.dtype, self.budget, self.spill_dir,
+                                   pin=self.device.type == "cuda")
         positions = torch.arange(self.ids.shape[1], device=self.device)[None]
-        rotary = self.model.model.rotary_emb.to(self.device)
         with torch.inference_mode():
-            self.position_embeddings = rotary(self.hidden[0][:1].to(self.device), positions)
+            for i, x in enumerate(batches(self.ids, self.micro)):
+                h = embed(x.to(self.device))
+                if i == 0:
+                    self.position_embeddings = self.model.model.rotary_emb.to(self.device)(h[:1], positions)
+                self.hidden.put(i, h)
+        self._settle()
+        embed.to("cpu")
         self.positions = positions
+
+    def __enter__(self) -> Layerwise:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hidden.close()
+
+    def _settle(self) -> None:
+        """Waits for the copies into pinned host memory, which run asynchronously to the device's work."""
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
 
     def forward(self, layer: torch.nn.Module, update: bool) -> None:
         """Push every calibration batch through `layer`; with update=True its outputs become the next inputs."""
         import torch
 
         with torch.inference_mode():
-            for i, h in enumerate(self.hidden):
+            for i in range(len(self.hidden)):
                 # attention_mask=None: SDPA applies the causal mask itself
-                out = layer(h.to(self.device), attention_mask=None, position_ids=self.positions,
+                out = layer(self.hidden.get(i, self.device), attention_mask=None, position_ids=self.positions,
                             position_embeddings=self.position_embeddings)
                 out = out[0] if isinstance(out, tuple) else out
                 if update:
-                    self.hidden[i] = out.cpu()
+                    self.hidden.put(i, out)
+        if update:
+            self._settle()
 
     def each_layer(self) -> Iterator[tuple[int, torch.nn.Module]]:
         """Yields (index, layer on the accelerator); after the caller prunes it, feeds its outputs onward."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from .calibration import Layerwise
     from .meter import Meter
     from .surgery import Shape
 
@@ -25,7 +26,16 @@ class Context:
     shape: Shape
     meter: Meter
     report: dict[str, Any]  # method-specific entries: candidates, removed layers, ...
-    workdir: Path  # the run directory (Sheared-LLaMA's learned candidates live there)
+    workdir: Path | None  # the run directory (Sheared-LLaMA's learned candidates and the calibration spill live there)
+    calibration_memory_gb: float | None = None  # calibration.memory_gb: host memory for the layer-wise hidden states
+
+    def layerwise(self) -> Layerwise:
+        """The layer-wise pass over this context's calibration data, spilling past calibration.memory_gb."""
+        from .activations import SPILL_DIR, budget_bytes
+        from .calibration import Layerwise
+
+        spill = None if self.workdir is None else Path(self.workdir) / SPILL_DIR
+        return Layerwise(self.model, self.ids, self.micro, self.device, budget_bytes(self.calibration_memory_gb), spill)
 
 
 @dataclass

@@ -37,14 +37,14 @@ def kept_layers(shape: Shape, cfg) -> int:
 
 
 def _tail_loss(model: LlamaForCausalLM, h: torch.Tensor, x: torch.Tensor, start: int, pos) -> torch.Tensor:
-    """Summed next-token loss of hidden state `h` run through layers[start:] and the head."""
-    import torch.nn.functional as F
+    """Summed next-token loss of hidden state `h` run through layers[start:] and the head (chunked logits)."""
+    from ..loss import summed_next_token_loss
+    from .calibration import LOSS_CHUNK_TOKENS
 
     for layer in model.model.layers[start:]:
         h = layer(h, attention_mask=None, position_ids=pos[0], position_embeddings=pos[1])
         h = h[0] if isinstance(h, tuple) else h
-    logits = model.lm_head(model.model.norm(h)).float()
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+    return summed_next_token_loss(model.lm_head, model.model.norm(h), x, LOSS_CHUNK_TOKENS)
 
 
 def block_losses(model: LlamaForCausalLM, ids: torch.Tensor, micro: int, block: int) -> list[float]:
@@ -85,7 +85,7 @@ def block_influence(model: LlamaForCausalLM, ids: torch.Tensor, micro: int) -> l
     device = next(model.parameters()).device
     with torch.inference_mode():
         for x in batches(ids, micro):
-            states = model(input_ids=x.to(device), output_hidden_states=True).hidden_states
+            states = model.model(input_ids=x.to(device), output_hidden_states=True).hidden_states  # no logits
             # hidden_states[i] enters layer i; the last entry is after the final norm, so stop before it
             for i in range(n_layers - 1):
                 sums[i] += (1 - F.cosine_similarity(states[i].float(), states[i + 1].float(), dim=-1)).sum().double().cpu()
@@ -124,7 +124,7 @@ def apply_shortgpt(ctx: Context) -> Pruned:
 
 
 def _remove(ctx: Context, removed: list[int]) -> Pruned:
-
     ctx.report["removed_layers"] = removed
+    ctx.model.to("cpu")  # cut on the host: the kept layers' copies never sit on the device beside the parent
     with ctx.meter.phase("cut"):
         return Pruned(cut(ctx.model, layers=[i for i in range(ctx.shape.layers) if i not in removed]))

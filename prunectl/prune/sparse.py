@@ -100,7 +100,7 @@ def magnitude_mask(weight: torch.Tensor, ratio: float, nm: tuple[int, int] | Non
 
 def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, ratio: float, nm: tuple[int, int] | None) -> torch.Tensor:
     """|W_ij| * ||X_j||, compared within each output row."""
-    score = weight.abs() * input_norm[None, :].to(weight.dtype)
+    score = weight.abs().float() * input_norm[None, :].float()  # fp32: a bf16 product would tie and misorder
     return keep_n_of_m(score, *nm) if nm else keep_top_per_row(score, ratio)
 
 
@@ -111,10 +111,19 @@ def sparsegpt_(weight: torch.Tensor, xtx: torch.Tensor, samples: int, ratio: flo
     Columns are processed in blocks; within a block each pruned weight's error is pushed onto the
     not-yet-processed columns through the inverse Hessian's Cholesky factor. Unstructured masks are
     chosen per block by w^2 / [H^-1]_jj^2 with counts that add up to exactly ratio * numel per Linear.
+    Everything runs in fp32 without TF32, whatever the weight's dtype.
     """
+    from ..distributed import exact_fp32
+
+    with exact_fp32():
+        return _sparsegpt(weight, xtx, samples, ratio, nm, cfg, name)
+
+
+def _sparsegpt(weight: torch.Tensor, xtx: torch.Tensor, samples: int, ratio: float, nm: tuple[int, int] | None,
+               cfg: SparseGPTConfig, name: str) -> torch.Tensor:
     import torch
 
-    w = weight.data.float().clone()
+    w = weight.data.float().clone()  # the OBS updates run in fp32 whatever the model's dtype; cast back once at the end
     rows, cols = w.shape
     h = (2.0 / samples) * xtx.to(device=w.device, dtype=torch.float32).clone()
     dead = torch.diag(h) == 0
@@ -217,8 +226,8 @@ def _layerwise(ctx: Context, prune, gram: bool) -> Pruned:
     from . import calibration as calib
 
     masks = {}
-    with ctx.meter.phase("prune (sequential)"):
-        walk = calib.Layerwise(ctx.model, ctx.ids, ctx.micro, ctx.device)
+    with ctx.meter.phase("prune (sequential)"), ctx.layerwise() as walk:
+        ctx.report["calibration_memory"] = walk.hidden.describe()
         for i, layer in walk.each_layer():
             stats = calib.collect(layer, lambda: walk.forward(layer, update=False), gram=gram)
             for name in calib.LINEARS:

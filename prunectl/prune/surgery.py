@@ -53,6 +53,11 @@ def cut(
     def rows(t: torch.Tensor) -> torch.Tensor:  # hidden is the output dimension
         return t if hidden is None else t.index_select(0, hidden)
 
+    embed = state["model.embed_tokens.weight"]
+
+    def zeros(n: int) -> torch.Tensor:  # a new bias, in the weights' dtype (bf16 parents) and place
+        return torch.zeros(n, dtype=embed.dtype, device=embed.device)
+
     out: dict[str, torch.Tensor] = {}
     out["model.embed_tokens.weight"] = cols(state["model.embed_tokens.weight"])
     out["model.norm.weight"] = rows(state["model.norm.weight"])
@@ -76,24 +81,24 @@ def cut(
             w = cols(get(f"self_attn.{name}.weight"))
             out[dst + f"self_attn.{name}.weight"] = w if idx is None else w.index_select(0, idx)
             if shape.attention_bias or add_bias:
-                b = state.get(src + f"self_attn.{name}.bias", torch.zeros(get(f"self_attn.{name}.weight").shape[0]))
+                b = state.get(src + f"self_attn.{name}.bias", zeros(get(f"self_attn.{name}.weight").shape[0]))
                 out[dst + f"self_attn.{name}.bias"] = b if idx is None else b.index_select(0, idx)
         w = rows(get("self_attn.o_proj.weight"))
         out[dst + "self_attn.o_proj.weight"] = w if q_idx is None else w.index_select(1, q_idx)
         if shape.attention_bias or add_bias:
-            out[dst + "self_attn.o_proj.bias"] = rows(state.get(src + "self_attn.o_proj.bias", torch.zeros(shape.hidden)))
+            out[dst + "self_attn.o_proj.bias"] = rows(state.get(src + "self_attn.o_proj.bias", zeros(shape.hidden)))
         # MLP
         f_idx = None if ffn is None else ffn[new_i]
         for name in ("gate_proj", "up_proj"):
             w = cols(get(f"mlp.{name}.weight"))
             out[dst + f"mlp.{name}.weight"] = w if f_idx is None else w.index_select(0, f_idx)
             if shape.mlp_bias or add_bias:
-                b = state.get(src + f"mlp.{name}.bias", torch.zeros(shape.ffn))
+                b = state.get(src + f"mlp.{name}.bias", zeros(shape.ffn))
                 out[dst + f"mlp.{name}.bias"] = b if f_idx is None else b.index_select(0, f_idx)
         w = rows(get("mlp.down_proj.weight"))
         out[dst + "mlp.down_proj.weight"] = w if f_idx is None else w.index_select(1, f_idx)
         if shape.mlp_bias or add_bias:
-            out[dst + "mlp.down_proj.bias"] = rows(state.get(src + "mlp.down_proj.bias", torch.zeros(shape.hidden)))
+            out[dst + "mlp.down_proj.bias"] = rows(state.get(src + "mlp.down_proj.bias", zeros(shape.hidden)))
 
     allow_explicit_head_dim()  # FLAP's and Sheared-LLaMA's head counts need not divide the hidden size
     config = model.config.__class__.from_dict(model.config.to_dict())
@@ -109,7 +114,11 @@ def cut(
     # Build without random init: weights are assigned below; only the rotary buffer needs computing.
     with torch.device("meta"):
         small = LlamaForCausalLM(config)
-    small.load_state_dict({k: v.contiguous().clone() for k, v in out.items()}, strict=not shape.tied, assign=True)
+    # slices made by index_select are already new tensors; copy only what still shares the parent's storage, so a
+    # candidate exists once (at Llama-3.1-8B scale a second copy is gigabytes of host memory)
+    parent_storage = {t.untyped_storage().data_ptr() for t in state.values()}
+    small.load_state_dict({k: v.clone() if v.untyped_storage().data_ptr() in parent_storage else v.contiguous()
+                           for k, v in out.items()}, strict=not shape.tied, assign=True)
     if shape.tied:
         small.lm_head.weight = small.model.embed_tokens.weight
     small.model.rotary_emb = type(model.model.rotary_emb)(config=config)

@@ -88,7 +88,8 @@ def flap_candidates(shape: Shape, cfg) -> list[Shape]:
 
 def minitron_scores(model: LlamaForCausalLM, ids: torch.Tensor, micro: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Activation L2 norms: hidden channels from every RMSNorm output feeding attention and MLP (summed
-    over layers), MLP channels from each layer's down_proj input. One pass over the unpruned model."""
+    over layers), MLP channels from each layer's down_proj input. One pass over the unpruned model's decoder
+    (the LM head's logits are not needed)."""
     import torch
 
     layers = model.model.layers
@@ -97,7 +98,7 @@ def minitron_scores(model: LlamaForCausalLM, ids: torch.Tensor, micro: int) -> t
     def run() -> None:
         with torch.inference_mode():
             for x in batches(ids, micro):
-                model(input_ids=x.to(next(model.parameters()).device))
+                model.model(input_ids=x.to(next(model.parameters()).device))
 
     handles, per_layer = [], []
     from .calibration import InputStats
@@ -228,13 +229,12 @@ def _as_cut(layer, choice: FlapChoice, shape: Shape):
     return pruned
 
 
-def flap_scores(model: LlamaForCausalLM, ids: torch.Tensor, micro: int, device) -> list[FlapScores]:
+def flap_scores(model: LlamaForCausalLM, walk: Layerwise) -> list[FlapScores]:
     """Every layer's scores from the unpruned parent's activations: one layer-wise pass (statistics: parent)."""
     shape = Shape.of(model)
-    walk = Layerwise(model, ids, micro, device)
     scores = []
     for layer in model.model.layers:
-        layer.to(device)
+        layer.to(walk.device)
         # the parent's own outputs feed the next layer: one forward per layer collects and moves on
         stats = collect(layer, lambda: walk.forward(layer, update=True), moments=True)
         scores.append(_score(layer, stats, shape).to("cpu"))
@@ -261,14 +261,13 @@ def flap_from_scores(model: LlamaForCausalLM, scores: list[FlapScores], target: 
     return flap_cut(model, [_choose(layer, s, shape, target) for layer, s in zip(model.model.layers, scores)])
 
 
-def flap_sequential(model: LlamaForCausalLM, ids: torch.Tensor, micro: int, device, target: Shape) -> LlamaForCausalLM:
+def flap_sequential(model: LlamaForCausalLM, walk: Layerwise, target: Shape) -> LlamaForCausalLM:
     """statistics: sequential. Layer i is scored on the outputs of layers < i as pruned for `target`, so every
-    target needs its own pass; each layer's pruned stand-in is a copy of that layer alone."""
+    target needs its own pass (a fresh `walk`); each layer's pruned stand-in is a copy of that layer alone."""
     shape = Shape.of(model)
-    walk = Layerwise(model, ids, micro, device)
     choices = []
     for layer in model.model.layers:
-        layer.to(device)
+        layer.to(walk.device)
         stats = collect(layer, lambda: walk.forward(layer, update=False), moments=True)
         choice = _choose(layer, _score(layer, stats, shape), shape, target)
         walk.forward(_as_cut(layer, choice, shape), update=True)
@@ -281,9 +280,10 @@ def flap_prune(model: LlamaForCausalLM, ids: torch.Tensor, micro: int, device, t
                statistics: str = "parent") -> LlamaForCausalLM:
     """FLAP to one target shape: fluctuation scores for KV groups (at o_proj's input) and MLP channels
     (at down_proj's input), the removed units' mean contribution folded into the biases. `model` is left as it was."""
-    if statistics == "sequential":
-        return flap_sequential(model, ids, micro, device, target)
-    return flap_from_scores(model, flap_scores(model, ids, micro, device), target)
+    with Layerwise(model, ids, micro, device) as walk:
+        if statistics == "sequential":
+            return flap_sequential(model, walk, target)
+        return flap_from_scores(model, flap_scores(model, walk), target)
 
 
 def minitron_feasible(cfg, shape: Shape) -> list[Shape]:
@@ -295,11 +295,14 @@ def flap_feasible(cfg, shape: Shape) -> list[Shape]:
 
 
 def apply_minitron(ctx: Context) -> Pruned:
-    """Minitron-width: activation importance once, then every candidate shape cut from it (Table 5)."""
+    """Minitron-width: activation importance once, then every candidate shape cut from it (Table 5). The cuts
+    are made on the host, from the parent moved back there, and select() puts one candidate at a time on the
+    device: device memory holds the parent or one candidate, never both."""
 
     candidates = minitron_candidates(ctx.shape, ctx.cfg)
     with ctx.meter.phase("score channels"):
         scores = minitron_scores(ctx.model, ctx.ids, ctx.micro)
+    ctx.model.to("cpu")
     with ctx.meter.phase(f"search {len(candidates)} candidate(s)"):
         made = ((minitron_prune(ctx.model, scores, t), t.describe()) for t in candidates)
         return Pruned(select(made, ctx.ids, ctx.micro, ctx.device, ctx.report["candidates"]))
@@ -312,11 +315,13 @@ def apply_flap(ctx: Context) -> Pruned:
     ctx.report["flap"] = {"statistics": statistics, "kv_group_score": KV_GROUP_SCORE}
     candidates = flap_candidates(ctx.shape, ctx.cfg)
     if statistics == "parent":
-        with ctx.meter.phase("score channels"):
-            scores = flap_scores(ctx.model, ctx.ids, ctx.micro, ctx.device)
+        with ctx.meter.phase("score channels"), ctx.layerwise() as walk:
+            scores = flap_scores(ctx.model, walk)
         make = lambda target: flap_from_scores(ctx.model, scores, target)  # noqa: E731
     else:
-        make = lambda target: flap_sequential(ctx.model, ctx.ids, ctx.micro, ctx.device, target)  # noqa: E731
+        def make(target: Shape) -> LlamaForCausalLM:
+            with ctx.layerwise() as walk:  # each candidate's own pass, spilling past calibration.memory_gb
+                return flap_sequential(ctx.model, walk, target)
     with ctx.meter.phase(f"search {len(candidates)} candidate(s)"):
         made = ((make(t), t.describe()) for t in candidates)
         return Pruned(select(made, ctx.ids, ctx.micro, ctx.device, ctx.report["candidates"]))

@@ -48,6 +48,7 @@ def _prune(run: store.Run, recipe: PruneRecipe, inputs: dict[str, str], device) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .. import distributed
     from .. import masks as sparse_masks
     from .. import model as models
     from ..data import TokenStream, batch, validation_starts
@@ -61,10 +62,12 @@ def _prune(run: store.Run, recipe: PruneRecipe, inputs: dict[str, str], device) 
     cfg = recipe.prune
     method = cfg.spec
     meter = Meter(device, run.dir / "metrics.jsonl")
+    distributed.allow_tf32(device)  # the fp32 statistics and losses; the model's own matmuls run in its dtype
     with meter.phase("load"):
         parent_dir = locate(root, inputs["parent"])[0]
         tokenizer = AutoTokenizer.from_pretrained(parent_dir)
-        parent = AutoModelForCausalLM.from_pretrained(parent_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+        dtype = models.stored_dtype(parent_dir)  # bf16 for Llama-3.1: half the memory of an fp32 copy
+        parent = AutoModelForCausalLM.from_pretrained(parent_dir, dtype=dtype, attn_implementation="sdpa").eval()
         stream = TokenStream(store.resolve(root, inputs["data"]).dir)
         ids, calib_run = _calibration(root, recipe, inputs)
         heldout = None
@@ -79,7 +82,7 @@ def _prune(run: store.Run, recipe: PruneRecipe, inputs: dict[str, str], device) 
         "method": cfg.method, "pattern": cfg.pattern if method.sparse else None,
         "target_ratio": cfg.ratio, "ratio_of": cfg.ratio_of,
         "target_shape": cfg.target.model_dump(exclude_none=True) if cfg.target else None,
-        "parent": inputs["parent"], "calibration": None, "candidates": [],
+        "parent": inputs["parent"], "dtype": str(dtype).removeprefix("torch."), "calibration": None, "candidates": [],
     }
     if ids is not None:
         report["calibration"] = {"data": calib_run.ref, "range": recipe.calibration.range,
@@ -91,7 +94,8 @@ def _prune(run: store.Run, recipe: PruneRecipe, inputs: dict[str, str], device) 
 
     if device.type != "cpu" and method.layerwise:
         parent.to("cpu")  # the layer-wise pass moves one decoder layer at a time onto the accelerator
-    pruned = method.apply(Context(parent, ids, cfg, micro, device, shape, meter, report, run.dir))
+    pruned = method.apply(Context(parent, ids, cfg, micro, device, shape, meter, report, run.dir,
+                                  recipe.calibration.memory_gb))
 
     with meter.phase("loss after"):
         pruned.model.to(device)
@@ -117,7 +121,7 @@ def _prune(run: store.Run, recipe: PruneRecipe, inputs: dict[str, str], device) 
     with meter.phase("save"):
         staging = run.dir / "final.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        pruned.model.to("cpu")
+        pruned.model.to("cpu", dtype)  # saved as the parent is (config.json records it)
         pruned.model.config._attn_implementation = "sdpa"
         models.save(pruned.model, None, tokenizer, staging)
         if pruned.masks:
