@@ -13,6 +13,8 @@ at ZeRO-0, made straight into partitions at ZeRO-3 (deepspeed.zero.Init, as trai
 per-GPU memory.
 
     .venv/bin/python benchmarks/train_memory.py [--layers 8 --hidden 512 --vocab 128256 --seq 2048 --chunk 256]
+    .venv/bin/python benchmarks/train_memory.py --build-only --layers 16 --hidden 2048 --heads 16 --kv-heads 4 \
+        --ffn 5632 --vocab 32000      # the build alone, for a model whose weights dominate (~1 min)
 """
 
 from __future__ import annotations
@@ -80,10 +82,17 @@ def rank(r: int, port: int, args, setting: tuple, out) -> None:
     config = models.llama_config(models.ModelConfig(layers=s.layers, hidden=s.hidden, heads=s.heads,
                                                     kv_heads=s.kv_heads, ffn=s.ffn, vocab=s.vocab), s.vocab, 1, 2, 0)
     ds_config = deepspeed_config(cfg, OptimizerConfig(), 2, False)
+    # the collectives' own buffers (gloo, DeepSpeed's shared-memory op) are made by the first calls: before the baseline
+    x = torch.zeros(1 << 20)
+    torch.distributed.broadcast(x, 0)
+    torch.distributed.all_gather_into_tensor(torch.zeros(2 << 20), x)
     base = _status("VmRSS")
     # as train.fit builds it: ZeRO-3 makes the model straight into partitions (deepspeed.zero.Init)
     root = CausalLM(models.build(config, 0, ds_config if zero == 3 else None), cfg.loss_chunk_tokens)
     built = (_status("VmHWM") - base) / MIB
+    if args.build_only:
+        out.put((r, 0.0, built))
+        return
     checkpoint_layers(root.lm, checkpointing)
     engine, *_ = deepspeed.initialize(model=root, model_parameters=[p for p in root.parameters()], config=ds_config)
     engine.train()
@@ -117,8 +126,13 @@ def main() -> None:
     for name, default in (("layers", 8), ("hidden", 512), ("heads", 8), ("kv-heads", 2), ("ffn", 1536),
                           ("vocab", 128_256), ("seq", 2048), ("chunk", 256), ("threads", 1)):
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--build-only", action="store_true",
+                        help="only the model build's peak, ZeRO-0 (whole model per rank) vs ZeRO-3 (zero.Init)")
     args = parser.parse_args()
     from prunectl.memory import estimate, total
+
+    if args.build_only:
+        return build_only(args)
 
     s = shape(args)
     print(f"Llama: {s.parameters() / 1e6:.0f}M parameters ({args.layers} layers, hidden {args.hidden}, vocab "
@@ -144,6 +158,26 @@ def main() -> None:
     print(f"{'model build, ZeRO-0 / ZeRO-3 (zero.Init)':40s} {builds[names[2]] / builds[names[3]]:.2f}x  (peak per rank "
           f"{builds[names[2]]:.0f} / {builds[names[3]]:.0f} MiB; whole model {whole:.0f} MiB, half {whole / 2:.0f} + "
           f"largest module {largest:.0f} MiB)")
+
+
+def build_only(args) -> None:
+    """The build's peak per rank: the whole fp32 model on every rank (ZeRO-0) against zero.Init's partitions."""
+    # glibc's default lets freed tensors stay resident (its mmap threshold grows with each free); a fixed threshold
+    # returns each freed tensor to the system, so the peak is what was live at once (read at the ranks' start)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    s = shape(args)
+    whole, largest = 4 * s.parameters() / MIB, 4 * max(s.vocab * s.hidden, s.ffn * s.hidden) / MIB
+    print(f"Llama: {s.parameters() / 1e6:.0f}M parameters ({args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, "
+          f"vocab {args.vocab:,}), fp32: {whole:.0f} MiB; 2 ranks")
+    peaks = {}
+    for label, zero in (("ZeRO-0: the whole model on each rank", 0), ("ZeRO-3: made in partitions (zero.Init)", 3)):
+        built = measure(args, (label, zero, "none", None))[1]
+        peaks[zero] = max(built)
+        print(f"{label:45s} build peak: rank 0 {built[0]:6.0f} MiB, rank 1 {built[1]:6.0f} MiB", flush=True)
+    bound = whole / 2 + 2 * largest  # a tensor being made or gathered whole, and a collective's copy of it
+    print(f"ZeRO-0 / ZeRO-3 build peak: {peaks[0] / peaks[3]:.2f}x; ZeRO-3's expected peak: half the model "
+          f"{whole / 2:.0f} + twice the largest tensor {largest:.0f} MiB = {bound:.0f} MiB "
+          f"(measured / expected {peaks[3] / bound:.2f})")
 
 
 if __name__ == "__main__":
