@@ -227,25 +227,35 @@ def _data_dry_run(root: Path, todo: list[Node], executor: str, profile: str | No
         yield title, [n], script
 
 
+@functools.lru_cache(maxsize=None)
+def _resolved(source: str, overrides: tuple[str, ...]):
+    """A node's recipe, resolved once per command (hundreds of nodes share a few parents and prunes)."""
+    return recipes.resolve(source, list(overrides))
+
+
 def _trained_shape(root: Path, planned: Planner, n: Node):
     """(shape, holds a mask) of what a training node builds: from its input once that exists; before, the largest
     shape its prune can make on the parent (the prune's own feasible shapes), or the parent's. None if unknown."""
-    r = recipes.resolve(n.source, n.overrides)
-    found = train.train_shape(root, r)
+    found = train.train_shape(root, _resolved(n.source, tuple(n.overrides)))
     if found is not None:
         return found
     parent = next((p for p in planned.nodes if p.group == "parent"), None)
-    upper = parent and train.train_shape(root, recipes.resolve(parent.source, parent.overrides))
+    upper = parent and train.train_shape(root, _resolved(parent.source, tuple(parent.overrides)))
     if not upper:
         return None
     prune = next((p for p in planned.nodes if p.key in n.deps and p.group == "prune"), None)
     if prune is None:  # no prune makes a model larger: the parent's shape, with a mask, bounds it
         return upper[0], n.group != "parent"
-    cfg = recipes.resolve(prune.source, prune.overrides).prune
+    return _largest_cut(prune.source, tuple(prune.overrides), upper[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _largest_cut(source: str, overrides: tuple[str, ...], parent):
+    cfg = _resolved(source, overrides).prune
     try:
-        shapes = cfg.spec.feasible(cfg, upper[0])
+        shapes = cfg.spec.feasible(cfg, parent)
     except PrunectlError:
-        return upper[0], cfg.spec.sparse  # the prune's own check names the problem
+        return parent, cfg.spec.sparse  # the prune's own check names the problem
     return max(shapes, key=lambda s: s.parameters()), cfg.spec.sparse
 
 
@@ -255,7 +265,7 @@ def _estimates(root: Path, planned: Planner, bucket: list[Node], res):
         found = _trained_shape(root, planned, n)
         if found is None:
             return
-        yield recipes.resolve(n.source, n.overrides), *found
+        yield _resolved(n.source, tuple(n.overrides)), *found
 
 
 def _memory_note(root: Path, planned: Planner, bucket: list[Node], res) -> str:
@@ -279,7 +289,7 @@ def memory_problems(root: Path, planned: Planner, profile: str | None) -> list[s
     for n in planned.nodes:
         if n.stage not in ("pretrain", "retrain") or n.state not in ("planned", "resume", "new"):
             continue
-        res = launch.resources(recipes.resolve(n.source, n.overrides).launch, profile)
+        res = launch.resources(_resolved(n.source, tuple(n.overrides)).launch, profile)
         if not res.gpus_per_node or not res.gpu_mem_gb:
             continue
         for r, shape, masked in _estimates(root, planned, [n], res):
