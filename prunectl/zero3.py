@@ -3,7 +3,7 @@
 `build` makes a model under `deepspeed.zero.Init`: each module is partitioned over the ranks as soon as its
 constructor returns, so a rank holds its shards plus the one module being made. The weights are those of
 the plain build for the same seed: construction draws the same random numbers, and Hugging Face's
-initialisation, which ran on empty shards inside the constructor, runs again module by module, gathered.
+initialisation, which each sub-model runs at the end of its constructor, runs module by module, gathered.
 
 `load` reads a saved model into the partitions: rank 0 reads one module's tensors at a time from the
 safetensors files (never the whole state dict, as `from_pretrained` under ZeRO-3 does) and DeepSpeed
@@ -74,7 +74,7 @@ def _construct(config: LlamaConfig, ds_config: dict[str, Any], initialise: bool)
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
     with ExitStack() as stack:
-        # every weight is about to be overwritten (a load): skip the random draws
+        # a load overwrites every weight: no random draws at all then
         stack.enter_context(_gathered_initialisation() if initialise else no_init_weights())
         stack.enter_context(prevent_arange_dtype_change())  # RoPE's frequencies stay fp32 under a bf16 config
         stack.enter_context(deepspeed.zero.Init(config_dict_or_path=ds_config))
