@@ -259,7 +259,7 @@ def _largest_cut(source: str, overrides: tuple[str, ...], parent):
     return max(shapes, key=lambda s: s.parameters()), cfg.spec.sparse
 
 
-def _estimates(root: Path, planned: Planner, bucket: list[Node], res):
+def _estimates(root: Path, planned: Planner, bucket: list[Node]):
     """Each training node's (recipe, shape, holds a mask) for the memory preflight; stops at the first unknown."""
     for n in bucket:
         found = _trained_shape(root, planned, n)
@@ -273,8 +273,8 @@ def _memory_note(root: Path, planned: Planner, bucket: list[Node], res) -> str:
     if bucket[0].stage not in ("pretrain", "retrain"):
         return ""
     worst = 0.0
-    for r, shape, masked in _estimates(root, planned, bucket, res):
-        bf16 = r.train.precision == "bf16" or (r.train.precision == "auto" and res.gpus_per_node > 0)
+    for r, shape, masked in _estimates(root, planned, bucket):
+        bf16 = r.train.bf16(res.gpus_per_node > 0)
         worst = max(worst, memory.total(memory.estimate(shape, r.train, res.world, bf16, masked)))
     if not worst:
         return ""
@@ -287,15 +287,9 @@ def memory_problems(root: Path, planned: Planner, profile: str | None) -> list[s
     whose estimated peak exceeds its profile's GPUs (inputs not made yet are bounded from above)."""
     problems = []
     for n in planned.nodes:
-        if n.stage not in ("pretrain", "retrain") or n.state not in ("planned", "resume", "new"):
-            continue
-        res = launch.resources(_resolved(n.source, tuple(n.overrides)).launch, profile)
-        if not res.gpus_per_node or not res.gpu_mem_gb:
-            continue
-        for r, shape, masked in _estimates(root, planned, [n], res):
-            line = memory.fit_problem(r.name, shape, r.train, res.world, r.train.precision != "fp32", masked,
-                                      res.gpu_mem_gb)
-            problems += [line] if line else []
+        if n.stage in ("pretrain", "retrain") and n.state in ("planned", "resume"):
+            for r, shape, masked in _estimates(root, planned, [n]):
+                problems += train.memory_problem(root, r, launch.resources(r.launch, profile), (shape, masked))
     return problems
 
 

@@ -147,6 +147,10 @@ class TrainConfig(Strict):
                 f"holds {'about ' if estimated else ''}{have:,} ({epochs:.2f} epochs); prepare more data, lower "
                 "train.tokens, or set train.allow_epochs=true to repeat it")
 
+    def bf16(self, on_gpu: bool) -> bool:
+        """Whether the run trains in bf16: `precision`, with auto meaning bf16 on a GPU and fp32 on a CPU."""
+        return self.precision == "bf16" or (self.precision == "auto" and on_gpu)
+
     @property
     def steps(self) -> int:
         """Optimizer steps of the full budget (the LR schedule's length)."""
@@ -340,7 +344,7 @@ def fit(run, cfg: TrainConfig, opt: OptimizerConfig, objective: Objective, data_
     tokenizer = getattr(objective, "tokenizer", None) or AutoTokenizer.from_pretrained(data_run.dir / "tokenizer")
 
     device = env.device
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    use_bf16 = cfg.bf16(device.type == "cuda")
     tokens_per_step = cfg.global_batch * cfg.seq_len
     schedule_steps, total_steps = cfg.steps, cfg.run_steps  # equal unless this is a sweep's prefix run
     ranges = [stream.range(r).first(cfg.range_tokens.get(r)) for r in cfg.data_ranges]

@@ -205,18 +205,17 @@ def memory_line(root: Path, r: TrainRecipe, res: Resources) -> str | None:
     found = train_shape(root, r)
     if found is None:
         return None
-    bf16 = r.train.precision == "bf16" or (r.train.precision == "auto" and res.gpus_per_node > 0)
-    parts = memory.estimate(found[0], r.train, res.world, bf16, found[1])
+    parts = memory.estimate(found[0], r.train, res.world, r.train.bf16(res.gpus_per_node > 0), found[1])
     limit = f" of {res.gpu_mem_gb} GiB" if res.gpus_per_node and res.gpu_mem_gb else ""
     return f"memory: about {memory.describe(parts)} per {'GPU' if res.gpus_per_node else 'rank'}{limit}"
 
 
-def memory_problem(root: Path, r: TrainRecipe, res: Resources) -> list[str]:
-    """The preflight: a job whose estimated peak per GPU exceeds the profile's GPUs is refused (on GPUs only)."""
-    if not res.gpus_per_node or not res.gpu_mem_gb or (found := train_shape(root, r)) is None:
+def memory_problem(root: Path, r: TrainRecipe, res: Resources, found: tuple[Shape, bool] | None = None) -> list[str]:
+    """The preflight: a job whose estimated peak per GPU exceeds the profile's GPUs is refused (on GPUs only).
+    `found`: the (shape, holds a mask) to estimate, when the caller bounds a model not made yet (a study)."""
+    if not res.gpus_per_node or not res.gpu_mem_gb or (found := found or train_shape(root, r)) is None:
         return []
-    bf16 = r.train.precision != "fp32"  # auto is bf16 on a GPU
-    problem = memory.fit_problem(r.name, found[0], r.train, res.world, bf16, found[1], res.gpu_mem_gb)
+    problem = memory.fit_problem(r.name, found[0], r.train, res.world, r.train.bf16(True), found[1], res.gpu_mem_gb)
     return [problem] if problem else []
 
 
