@@ -13,6 +13,7 @@ when the gradient hook reads it.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,10 +57,14 @@ class Stored(Mapping):
         return len(self.names)
 
 
-def save(masks: dict[str, torch.Tensor], folder: Path, metadata: dict[str, str] | None = None) -> None:
-    """Keep-masks into folder/masks.safetensors; `metadata` says where they came from (a prune run's method)."""
+def save(masks: Mapping[str, torch.Tensor], folder: Path, metadata: dict[str, str] | None = None) -> None:
+    """Keep-masks into folder/masks.safetensors; `metadata` says where they came from (a prune run's method).
+    Masks read from a file (a retrain's, passed on) are copied as they are, metadata included."""
     from safetensors.torch import save_file
 
+    if isinstance(masks, Stored) and metadata is None:
+        shutil.copyfile(masks.path, Path(folder) / FILE)
+        return
     save_file({k: v.contiguous() for k, v in masks.items()}, str(Path(folder) / FILE),
               metadata=metadata or {"kind": "keep-mask"})
 
@@ -101,20 +106,17 @@ def without_masks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.endswith(f".{MASK}")}
 
 
-def violations(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> int:
-    """How many masked weights are not exactly zero."""
-    return sum(int((state[name].cpu()[~keep] != 0).sum()) for name, keep in masks.items())
-
-
-def sparsity(masks: dict[str, torch.Tensor]) -> float:
-    return 1 - sum(int(k.sum()) for k in masks.values()) / sum(k.numel() for k in masks.values())
-
-
-def check(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, float | int]:
-    """The sparsity a run ends with; a masked weight that moved is an error, never a silent densification."""
-    bad = violations(state, masks)
+def check(state: dict[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, float | int]:
+    """The sparsity a run ends with; a masked weight that moved is an error, never a silent densification.
+    One pass: each mask is read once (from its file, for a retrain's masks)."""
+    bad = kept = zeros = total = 0
+    for name, keep in masks.items():
+        w = state[name].cpu()
+        bad += int((w[~keep] != 0).sum())
+        kept += int(keep.sum())
+        zeros += int((w == 0).sum())
+        total += keep.numel()
     if bad:
         raise PrunectlError(f"{bad:,} masked weights are non-zero after training; the sparse pattern was not held")
-    zeros = sum(int((state[name].cpu() == 0).sum()) for name in masks)
-    total = sum(k.numel() for k in masks.values())
-    return {"mask_sparsity": round(sparsity(masks), 6), "masked_nonzero": 0, "masked_linears_zero_fraction": round(zeros / total, 6)}
+    return {"mask_sparsity": round(1 - kept / total, 6), "masked_nonzero": 0,
+            "masked_linears_zero_fraction": round(zeros / total, 6)}
